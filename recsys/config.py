@@ -1,0 +1,276 @@
+"""Typed run configuration: YAML files in configs/ loaded into plain dataclasses.
+
+A config has six sections (data, model, optimizer, training, sharding, logging). Files are read with
+``yaml.safe_load``; ``key.sub=value`` overrides from the command line are applied on top (the value is
+parsed as YAML, so ``model.deep_layers=[64,32]`` and ``training.epochs=2`` work). Unknown keys and wrong
+types fail with a ``ConfigError`` that names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is batched.
+
+    ``train``/``val``/``test`` are either raw Criteo TSV files (parsed in memory, for small data) or shard
+    folders written by ``recsys preprocess`` (memory-mapped).
+    """
+
+    train: str = "data/synthetic/train.tsv"
+    val: str = "data/synthetic/val.tsv"
+    test: str = "data/synthetic/test.tsv"
+    dense_features: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
+    sparse_features: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
+    batch_size: int = 4096
+    eval_batch_size: int = 16384
+    shuffle: bool = True
+    drop_last: bool = False
+    prefetch_batches: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """DeepFM hyper-parameters.
+
+    ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
+    Raw ids are hashed into it unless the data was preprocessed into a vocabulary (then the shards' metadata
+    supplies the sizes and this value is ignored). ``shared_tables`` maps a table name to features that
+    share it.
+    """
+
+    embedding_dim: int = 16
+    num_embeddings: Union[int, list[int]] = 100_000
+    pooling: str = "sum"
+    shared_tables: dict[str, list[str]] = field(default_factory=dict)
+    deep_layers: list[int] = field(default_factory=lambda: [128, 64])
+    activation: str = "relu"
+    dropout: float = 0.0
+    batch_norm: bool = False
+    embedding_init_std: float = 1e-2
+
+
+@dataclass
+class OptimizerConfig:
+    """Sparse (embedding) parameters use a fused FBGEMM optimizer applied in backward; dense ones Adam."""
+
+    sparse: str = "adagrad"
+    sparse_lr: float = 0.05
+    sparse_eps: float = 1e-8
+    dense: str = "adam"
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.0
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    max_steps: int = -1
+    eval_every_steps: int = 0
+    checkpoint_every_steps: int = 0
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = True
+
+
+@dataclass
+class ShardingConfig:
+    """Topology and placement hints for TorchRec's planner."""
+
+    compute_device: str = "auto"
+    sharding_types: list[str] = field(default_factory=list)
+    compute_kernels: list[str] = field(default_factory=list)
+    device_memory_gb: float = 0.0
+    host_memory_gb: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    progress_bar: bool = True
+    tensorboard: bool = True
+    log_every_steps: int = 50
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.pooling": ("sum", "mean"),
+    "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
+    "optimizer.sparse": ("adagrad", "rowwise_adagrad", "adam", "sgd"),
+    "optimizer.dense": ("adam", "adagrad", "sgd"),
+    "sharding.compute_device": ("auto", "cpu", "cuda"),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Returns ``value`` converted to ``tp`` or raises ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_check_value(k, key_tp, key): _check_value(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _check_value(value, tp, key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(f"{key}: {value!r} is not one of {list(CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c.d=[1,2]"]`` -> nested dict, values parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        _set_path(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    merged = _merge(values or {}, parse_overrides(overrides or []))
+    config = _build(Config, merged, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Loads a YAML config and applies ``key.sub=value`` overrides; raises ConfigError on any mismatch."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    model, data = config.model, config.data
+    if model.embedding_dim <= 0:
+        raise ConfigError("model.embedding_dim must be positive")
+    if isinstance(model.num_embeddings, list) and len(model.num_embeddings) != len(data.sparse_features):
+        raise ConfigError(
+            f"model.num_embeddings has {len(model.num_embeddings)} entries but data.sparse_features has "
+            f"{len(data.sparse_features)}"
+        )
+    sizes = model.num_embeddings if isinstance(model.num_embeddings, list) else [model.num_embeddings]
+    if any(n <= 0 for n in sizes):
+        raise ConfigError("model.num_embeddings must be positive")
+    seen: set[str] = set()
+    for table, features in model.shared_tables.items():
+        for feature in features:
+            if feature not in data.sparse_features:
+                raise ConfigError(f"model.shared_tables.{table}: unknown sparse feature {feature!r}")
+            if feature in seen:
+                raise ConfigError(f"model.shared_tables: feature {feature!r} is in more than one table")
+            seen.add(feature)
+    if not 0.0 <= model.dropout < 1.0:
+        raise ConfigError("model.dropout must be in [0, 1)")
+    if data.batch_size <= 0 or data.eval_batch_size <= 0:
+        raise ConfigError("data.batch_size and data.eval_batch_size must be positive")

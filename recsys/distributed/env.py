@@ -1,0 +1,65 @@
+"""Process-group set-up: the same code path for 1 process, torchrun/TorchX on one box, or many nodes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(compute_device: str, local_rank: int) -> torch.device:
+    if compute_device == "cuda" or (compute_device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("sharding.compute_device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(compute_device: str = "auto") -> DistEnv:
+    """Joins (or creates) the default process group.
+
+    Under torchrun/TorchX the launcher sets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT. A plain
+    ``recsys train`` runs as a group of one, so the model is still wrapped by DistributedModelParallel and
+    a run scales out without code changes. Backend: NCCL on CUDA, gloo on CPU.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )  # fmt: skip
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = choose_device(compute_device, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world_size, local_rank, local_world_size, device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

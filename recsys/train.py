@@ -1,0 +1,224 @@
+"""The training recipe: data -> DeepFM -> DistributedModelParallel -> train / evaluate / checkpoint.
+
+Read top to bottom, ``train()`` is the whole job. It runs unchanged as one process (``recsys train``) or
+as N ranks under torchrun/TorchX: every run joins a process group, the planner places the tables and
+``DistributedModelParallel`` shards them, and ``TrainPipelineSparseDist`` overlaps the next batch's input
+distribution with the current batch's compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import yaml
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.keyed import CombinedOptimizer
+from tqdm import tqdm
+
+from recsys.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recsys.config import Config
+from recsys.data.criteo import ArrayData, iterate_batches, load_criteo_tsv, num_batches
+from recsys.distributed.env import DistEnv, init_distributed
+from recsys.distributed.sharding import build_optimizer, shard_model
+from recsys.metrics import CTRMetrics
+from recsys.models.deepfm import DeepFMTrain, build_deepfm
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def table_sizes(config: Config) -> list[int]:
+    sizes = config.model.num_embeddings
+    return list(sizes) if isinstance(sizes, list) else [sizes] * len(config.data.sparse_features)
+
+
+@dataclass
+class Splits:
+    train: ArrayData
+    val: ArrayData
+    test: ArrayData | None
+
+
+def load_splits(config: Config) -> Splits:
+    data = config.data
+    sizes = table_sizes(config)
+
+    def load(path: str) -> ArrayData:
+        return load_criteo_tsv(path, data.dense_features, data.sparse_features, sizes)
+
+    return Splits(load(data.train), load(data.val), load(data.test) if data.test else None)
+
+
+class RunLogger:
+    """Rank 0 writes metrics to ``metrics.jsonl`` (one JSON object per line) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterator[Batch], device: torch.device) -> dict[str, float]:
+    """AUC / logloss / NE over every batch on every rank (metrics sync across the process group)."""
+    was_training = model.training
+    model.eval()
+    metrics = CTRMetrics(device)
+    for batch in batches:
+        _, (_, logits, labels) = model(batch.to(device))
+        metrics.update(logits, labels)
+    result = metrics.compute()
+    model.train(was_training)
+    return result
+
+
+@dataclass
+class Job:
+    """Everything a run needs, built the same way for training and for evaluating a checkpoint."""
+
+    env: DistEnv
+    splits: Splits
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+
+
+def build_job(config: Config) -> Job:
+    env = init_distributed(config.sharding.compute_device)
+    seed_everything(config.training.seed)
+    splits = load_splits(config)
+    # Tables are declared on the meta device: DMP allocates only this rank's shards.
+    model = build_deepfm(config, table_sizes(config), device="meta")
+    dmp = shard_model(DeepFMTrain(model), config, env)
+    return Job(env, splits, dmp, build_optimizer(dmp, config))
+
+
+def eval_batches(config: Config, env: DistEnv, split: ArrayData) -> Iterator[Batch]:
+    data = config.data
+    return iterate_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size)
+
+
+def evaluate_checkpoint(config: Config, split: str = "test") -> dict[str, float]:
+    """Metrics of the latest checkpoint in ``training.run_dir`` on the val or test split."""
+    job = build_job(config)
+    path = latest_checkpoint(config.training.run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no checkpoint in {config.training.run_dir}/checkpoints")
+    load_checkpoint(path, job.model, job.optimizer)
+    data = getattr(job.splits, split)
+    if data is None:
+        raise ValueError(f"data.{split} is not set")
+    return evaluate(job.model, eval_batches(config, job.env, data), job.env.device)
+
+
+def train(config: Config) -> dict[str, dict[str, float]]:
+    """Runs the configured job and returns the final validation and test metrics."""
+    job = build_job(config)
+    env, splits, dmp, optimizer = job.env, job.splits, job.model, job.optimizer
+    cfg_data, cfg_train = config.data, config.training
+    run_dir = cfg_train.run_dir
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
+    if resume_from:
+        progress = load_checkpoint(resume_from, dmp, optimizer)
+
+    logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
+    keys = cfg_data.sparse_features
+
+    def run_eval(stage: str, split: ArrayData) -> dict[str, float]:
+        # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
+        # its next progress() call.
+        result = evaluate(pipeline.detach(), eval_batches(config, env, split), env.device)
+        logger.log(stage, progress["step"], result)
+        return result
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, dmp, optimizer, progress)
+
+    steps_per_epoch = num_batches(len(splits.train), cfg_data.batch_size, env.world_size, cfg_data.drop_last)
+    max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
+    samples_per_step = cfg_data.batch_size * env.world_size
+    val_metrics: dict[str, float] = {}
+    dmp.train()
+    while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps:
+        batches = iterate_batches(
+            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size,
+            shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
+            drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
+        )  # fmt: skip
+        bar = tqdm(
+            total=steps_per_epoch, initial=progress["batch_in_epoch"], desc=f"epoch {progress['epoch']}",
+            disable=not (env.is_main and config.logging.progress_bar), dynamic_ncols=True,
+        )  # fmt: skip
+        window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+        while progress["step"] < max_steps:
+            try:
+                loss, _, _ = pipeline.progress(batches)
+            except StopIteration:
+                break
+            progress["step"] += 1
+            progress["batch_in_epoch"] += 1
+            window_steps += 1
+            window_loss += float(loss)
+            bar.update(1)
+            if window_steps == config.logging.log_every_steps or progress["batch_in_epoch"] == steps_per_epoch:
+                rate = window_steps * samples_per_step / (time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", samples_per_s=f"{rate:,.0f}")
+                logger.log("train", progress["step"], {"loss": window_loss / window_steps, "samples_per_s": rate})
+                window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            if cfg_train.eval_every_steps and progress["step"] % cfg_train.eval_every_steps == 0:
+                val_metrics = run_eval("val", splits.val)
+            if cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0:
+                checkpoint()
+        bar.close()
+        if progress["batch_in_epoch"] >= steps_per_epoch:
+            progress["epoch"] += 1
+            progress["batch_in_epoch"] = 0
+            val_metrics = run_eval("val", splits.val)
+            checkpoint()
+        elif progress["step"] >= max_steps:
+            checkpoint()
+            break
+
+    result = {"val": val_metrics or run_eval("val", splits.val)}
+    if splits.test is not None:
+        result["test"] = run_eval("test", splits.test)
+    if env.is_main:
+        for stage, values in result.items():
+            print(f"{stage}: " + "  ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    logger.close()
+    return result

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates the virtual environment ($VENV, default .venv) and installs recsys with the FBGEMM build that
+# fits this machine. Idempotent: `make` calls it whenever pyproject.toml or this file changes.
+#
+# Why not plain `pip install -e .`: torchrec's metadata requires `fbgemm-gpu`, the CUDA build, which on a
+# CPU box pulls gigabytes of CUDA wheels and then fails to load. So torchrec is installed with --no-deps,
+# after the right fbgemm: `fbgemm-gpu` where an NVIDIA GPU is visible, `fbgemm-gpu-cpu` elsewhere
+# (override with RECSYS_DEVICE=cpu|cuda). recsys checks at import time that the FBGEMM ops are present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCHREC_VERSION=1.8.0
+FBGEMM_VERSION=1.8.0
+
+device=${RECSYS_DEVICE:-}
+if [ -z "$device" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then device=cuda; else device=cpu; fi
+fi
+case "$device" in
+  cuda) fbgemm="fbgemm-gpu==${FBGEMM_VERSION}" ;;
+  cpu) fbgemm="fbgemm-gpu-cpu==${FBGEMM_VERSION}" ;;
+  *) echo "install.sh: RECSYS_DEVICE must be cpu or cuda, not '$device'" >&2; exit 2 ;;
+esac
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+echo "install.sh: installing for $device into $VENV"
+# torch first and alone, pinned, so nothing later can swap it for another build.
+pip install -q "torch==2.13.0"
+pip install -q "$fbgemm"
+pip install -q --no-deps "torchrec==${TORCHREC_VERSION}"
+pip install -q -e ".[test]"
+"$VENV/bin/python" -c "import recsys.install_check as c; c.check_install()"
+touch "$VENV/.recsys-installed"
