@@ -41,8 +41,17 @@ def sparse_optimizer_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
-def attach_sparse_optimizer(model: nn.Module, config: Config) -> None:
+# FBGEMM's CPU embedding kernels implement only these fused optimizers (Adam is CUDA-only).
+CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+def attach_sparse_optimizer(model: nn.Module, config: Config, device: torch.device) -> None:
     """Registers the fused optimizer on every EmbeddingBagCollection; DMP hands it to FBGEMM."""
+    if device.type == "cpu" and config.optimizer.sparse not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(
+            f"optimizer.sparse={config.optimizer.sparse} has no FBGEMM CPU kernel; "
+            f"on CPU use one of {list(CPU_SPARSE_OPTIMIZERS)}"
+        )
     sparse_params = [
         p for name, p in model.named_parameters() if "embedding_bag_collection" in name
     ]
@@ -102,7 +111,7 @@ def plan_sharding(model: nn.Module, config: Config, env: DistEnv, batch_size: in
 
 def shard_model(model: nn.Module, config: Config, env: DistEnv) -> DistributedModelParallel:
     """Attaches the fused sparse optimizer, plans placement and wraps ``model`` (built on meta) in DMP."""
-    attach_sparse_optimizer(model, config)
+    attach_sparse_optimizer(model, config, env.device)
     plan = plan_sharding(model, config, env, config.data.batch_size)
     return DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=make_sharders())
 

@@ -1,0 +1,125 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torchrec.datasets.utils import Batch
+from torchrec.fx import symbolic_trace
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.config import config_from_dict
+from recsys.models.deepfm import DeepFM, DeepFMTrain, FactorizationMachine, build_deepfm, table_configs, table_width
+
+FEATURES = ["C1", "C2", "C3"]
+DENSE = ["I1", "I2"]
+D = 8
+
+
+def small_model(pooling: str = "sum", shared: dict | None = None) -> DeepFM:
+    config = config_from_dict(
+        {
+            "data": {"dense_features": DENSE, "sparse_features": FEATURES},
+            "model": {"embedding_dim": D, "num_embeddings": [10, 20, 30], "deep_layers": [16], "pooling": pooling,
+                      "shared_tables": shared or {}, "embedding_init_std": 0.1},
+        }
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return build_deepfm(config, [10, 20, 30])
+
+
+def multi_hot_kjt() -> KeyedJaggedTensor:
+    # Batch of 3; C1 one-hot, C2 multi-hot (2, 0, 3 ids), C3 one-hot.
+    lengths = torch.tensor([1, 1, 1, 2, 0, 3, 1, 1, 1])
+    values = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    return KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=values, lengths=lengths)
+
+
+def table(model: DeepFM, feature: str) -> torch.Tensor:
+    return model.sparse_arch.embedding_bag_collection.embedding_bags[f"t_{feature}"].weight.detach()
+
+
+def test_table_width_is_fbgemm_aligned_and_holds_first_order_column() -> None:
+    assert [table_width(d) for d in (3, 4, 10, 16, 128)] == [4, 8, 12, 20, 132]
+    assert all(c.embedding_dim % 4 == 0 for c in table_configs(FEATURES, [5, 5, 5], 10))
+
+
+def test_fm_equals_brute_force_pair_sum() -> None:
+    fields = torch.randn(5, 7, 4, dtype=torch.float64)
+    expected = torch.zeros(5, dtype=torch.float64)
+    for i, j in itertools.combinations(range(7), 2):
+        expected += (fields[:, i] * fields[:, j]).sum(-1)
+    torch.testing.assert_close(FactorizationMachine()(fields), expected)
+
+
+def test_first_order_term_equals_manual_lookup() -> None:
+    model = small_model()
+    kjt = multi_hot_kjt()
+    dense = torch.rand(3, len(DENSE))
+    pooled = model.sparse_arch(kjt)
+    assert pooled.shape == (3, len(FEATURES), table_width(D))
+    # Manual: sum over each bag of column D of that feature's table.
+    per_feature = kjt.to_dict()
+    expected = torch.zeros(3)
+    for f in FEATURES:
+        jt = per_feature[f]
+        for row, ids in enumerate(jt.to_dense()):
+            expected[row] += table(model, f)[ids, D].sum()
+    got = pooled[:, :, D].sum(dim=1)
+    torch.testing.assert_close(got, expected)
+    _, dense_first = model.dense_arch(dense)
+    torch.testing.assert_close(dense_first, dense @ model.dense_arch.linear)
+
+
+def test_logit_is_sum_of_bias_first_order_fm_and_deep() -> None:
+    model = small_model()
+    kjt, dense = multi_hot_kjt(), torch.rand(3, len(DENSE))
+    pooled = model.sparse_arch(kjt)
+    dense_fields, dense_first = model.dense_arch(dense)
+    fields = torch.cat([dense_fields, pooled[:, :, :D]], dim=1)
+    expected = model.bias + pooled[:, :, D].sum(1) + dense_first + model.fm(fields) + model.deep_arch(fields)
+    torch.testing.assert_close(model(dense, kjt), expected)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_multi_hot_pooling(pooling: str) -> None:
+    model = small_model(pooling)
+    pooled = model.sparse_arch(multi_hot_kjt())
+    c2 = table(model, "C2")
+    bag = c2[[6, 7, 8]]
+    expected = bag.sum(0) if pooling == "sum" else bag.mean(0)
+    torch.testing.assert_close(pooled[2, 1], expected)
+    torch.testing.assert_close(pooled[1, 1], torch.zeros(table_width(D)))  # empty bag
+
+
+def test_shared_table_serves_both_features() -> None:
+    model = small_model(shared={"shared_c1_c2": ["C1", "C2"]})
+    tables = model.sparse_arch.embedding_bag_collection.embedding_bags
+    assert sorted(tables.keys()) == ["shared_c1_c2", "t_C3"]
+    assert tables["shared_c1_c2"].weight.shape[0] == 20  # the larger vocabulary
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURES, values=torch.tensor([5, 5, 0]), lengths=torch.tensor([1, 1, 1]))
+    pooled = model.sparse_arch(kjt)
+    torch.testing.assert_close(pooled[0, 0], pooled[0, 1])
+
+
+def test_small_normal_init() -> None:
+    weight = table(small_model(), "C3")
+    assert 0.05 < weight.std().item() < 0.2
+
+
+def test_train_wrapper_loss_and_fx_trace() -> None:
+    model = small_model()
+    batch = Batch(dense_features=torch.rand(3, 2), sparse_features=multi_hot_kjt(), labels=torch.tensor([0, 1, 1]))
+    loss, (_, logits, labels) = DeepFMTrain(model)(batch)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+    torch.testing.assert_close(loss.detach(), expected)
+    traced = symbolic_trace(model)
+    torch.testing.assert_close(traced(batch.dense_features, batch.sparse_features), logits)
+
+
+def test_gradients_reach_every_part() -> None:
+    model = small_model()
+    batch = Batch(dense_features=torch.rand(3, 2), sparse_features=multi_hot_kjt(), labels=torch.tensor([0, 1, 1]))
+    DeepFMTrain(model)(batch)[0].backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, Config)
+
+
+def test_shipped_configs_exist() -> None:
+    assert any(p.name == "synthetic.yaml" for p in CONFIGS)
+
+
+def test_overrides_are_parsed_as_yaml_and_applied() -> None:
+    config = config_from_dict({}, ["training.epochs=3", "model.deep_layers=[64, 32]", "optimizer.sparse_lr=0.1"])
+    assert config.training.epochs == 3
+    assert config.model.deep_layers == [64, 32]
+    assert config.optimizer.sparse_lr == 0.1
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['embeding_dim'\].*valid keys: \[.*'embedding_dim'"):
+        config_from_dict({"model": {"embeding_dim": 8}})
+
+
+def test_unknown_section_lists_sections() -> None:
+    with pytest.raises(ConfigError, match=r"\['modle'\] in the top level; valid keys: \['data', 'model'"):
+        config_from_dict({"modle": {}})
+
+
+def test_unknown_override_key_fails() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict({}, ["training.epoch=2"])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"training": {"epochs": "two"}}, "training.epochs: expected an integer"),
+        ({"training": {"epochs": 1.5}}, "training.epochs: expected an integer"),
+        ({"model": {"deep_layers": [64, "x"]}}, r"model.deep_layers\[1\]: expected an integer"),
+        ({"data": {"shuffle": "yes"}}, "data.shuffle: expected true/false"),
+        ({"model": "big"}, "model: expected a mapping"),
+        ({"optimizer": {"sparse": "adadelta"}}, "optimizer.sparse: 'adadelta' is not one of"),
+        ({"model": {"num_embeddings": [10, 20]}}, "model.num_embeddings has 2 entries"),
+        ({"model": {"shared_tables": {"t": ["C1", "X9"]}}}, "unknown sparse feature 'X9'"),
+    ],
+)
+def test_wrong_values_fail_with_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+
+
+def test_int_accepted_where_float_expected() -> None:
+    assert config_from_dict({"optimizer": {"dense_lr": 1}}).optimizer.dense_lr == 1.0
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_overrides(["training.epochs"])
+
+
+def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
