@@ -1,4 +1,4 @@
-"""The ``recsys`` command: generate data, train, evaluate."""
+"""The ``recsys`` command: generate data, train, evaluate, export."""
 
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(load_config(args.config, args.overrides), args.split)
     print(json.dumps(result))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from recsys.config import load_config
+    from recsys.export import export_model
+    from recsys.train import table_sizes
+
+    config = load_config(args.config, args.overrides)
+    path = export_model(config, table_sizes(config), args.out or f"{config.training.run_dir}/export")
+    print(f"exported {path} (TorchScript: (dense, KeyedJaggedTensor) -> click probability)")
     return 0
 
 
@@ -72,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help=overrides_help)
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser(
+        "export",
+        help="export the latest checkpoint as one TorchScript file for serving",
+        description="Reassembles sharded tables from the latest checkpoint into an unsharded DeepFM and "
+        "writes OUT/model.pt (TorchScript; (dense, KJT) -> probabilities), OUT/serving.json, OUT/config.yaml.",
+    )
+    ex.add_argument("config", help="the YAML config the run was trained with")
+    ex.add_argument("overrides", nargs="*", help=overrides_help)
+    ex.add_argument("--out", default=None, help="output folder (default: <run_dir>/export)")
+    ex.set_defaults(func=_export)
     return parser
 
 
