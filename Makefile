@@ -14,6 +14,7 @@ $(VENV)/.recsys-installed: pyproject.toml tools/install.sh
 demo: install
 	$(BIN)/recsys generate --rows 1000000 --out data/synthetic
 	$(BIN)/recsys train configs/synthetic.yaml
+	$(BIN)/recsys export configs/synthetic.yaml
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
