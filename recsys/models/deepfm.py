@@ -29,7 +29,7 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import Config
 
@@ -62,9 +62,10 @@ class SparseArch(nn.Module):
         self.feature_names = list(feature_names)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embedding_bag_collection(features).to_dict()
-        values = [pooled[name] for name in self.feature_names]
-        return torch.stack(values, dim=1)
+        pooled = self.embedding_bag_collection(features)
+        # One permute kernel puts the features in field order (a sharded EBC may emit them in another).
+        values = KeyedTensor.regroup([pooled], [self.feature_names])[0]
+        return values.view(values.size(0), len(self.feature_names), -1)
 
 
 class DenseArch(nn.Module):
@@ -98,9 +99,9 @@ class FactorizationMachine(nn.Module):
     """
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
-        square_of_sum = fields.sum(dim=1).pow(2)
-        sum_of_squares = fields.pow(2).sum(dim=1)
-        return 0.5 * (square_of_sum - sum_of_squares).sum(dim=1)
+        # sum_d [(sum_f v_fd)^2 - sum_f v_fd^2], with the second sum taken over f and d at once.
+        total = fields.sum(dim=1)
+        return 0.5 * ((total * total).sum(dim=1) - (fields * fields).sum(dim=(1, 2)))
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
