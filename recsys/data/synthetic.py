@@ -139,7 +139,7 @@ def format_rows(chunk: dict[str, np.ndarray]) -> str:
     return "".join("\t".join(row) + "\n" for row in zip(*columns))
 
 
-def _oracle_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def oracle_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     order = np.argsort(probs, kind="mergesort")
     ranks = np.empty(len(probs))
     ranks[order] = np.arange(1, len(probs) + 1)
@@ -192,7 +192,7 @@ def generate_splits(
                 chunk_index += 1
                 done += n
         os.replace(tmp, out / f"{name}.tsv")
-        oracle[name] = _oracle_metrics(np.concatenate(labels), np.concatenate(probs))
+        oracle[name] = oracle_metrics(np.concatenate(labels), np.concatenate(probs))
     meta = {"spec": asdict(spec), "splits": counts, "oracle": oracle}
     tmp = out / ".oracle.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
