@@ -40,7 +40,7 @@ def test_planted_model_is_learnable_and_ids_are_zipf() -> None:
     ctr = chunk["label"].mean()
     assert 0.15 < ctr < 0.35
     # True probabilities separate the classes well: the oracle AUC is far above chance.
-    oracle = generate_splits.__globals__["_oracle_metrics"](chunk["label"], chunk["prob"])
+    oracle = oracle_metrics(chunk["label"], chunk["prob"])
     assert oracle["auc"] > 0.8
     # Zipf: the most frequent id of a large-vocabulary feature covers a sizeable share of rows.
     _, counts = np.unique(chunk["tokens"][:, 2], return_counts=True)
