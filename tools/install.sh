@@ -31,6 +31,8 @@ echo "install.sh: installing for $device into $VENV"
 pip install -q "torch==2.13.0"
 pip install -q "$fbgemm"
 pip install -q --no-deps "torchrec==${TORCHREC_VERSION}"
+# pip notes here that torchrec "requires fbgemm-gpu, which is not installed": expected, the build chosen
+# above provides the same package (fbgemm_gpu).
 pip install -q -e ".[test]"
 "$VENV/bin/python" -c "import recsys.install_check as c; c.check_install()"
 touch "$VENV/.recsys-installed"
