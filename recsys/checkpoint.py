@@ -47,7 +47,7 @@ def _write_atomic(path: str, text: str) -> None:
     tmp = f"{path}.tmp"
     with path_manager.open(tmp, "w") as fh:
         fh.write(text)
-    path_manager.mv(tmp, path)
+    os.replace(tmp, path)  # atomic; iopath's mv refuses to overwrite, which left `latest` stale
 
 
 def _init_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:

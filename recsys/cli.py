@@ -21,9 +21,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from recsys.config import load_config
+    from recsys.distributed.elastic import TrainingStopped
     from recsys.train import train
 
-    train(load_config(args.config, args.overrides))
+    try:
+        train(load_config(args.config, args.overrides))
+    except TrainingStopped as e:
+        print(f"recsys: {e}", file=sys.stderr)
+        return 128 + e.signum  # the shell's code for "killed by signal": the job did not finish
     return 0
 
 

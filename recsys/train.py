@@ -27,6 +27,7 @@ from tqdm import tqdm
 from recsys.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recsys.config import Config
 from recsys.data.criteo import ArrayData, iterate_batches, load_criteo_tsv, num_batches
+from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
 from recsys.distributed.sharding import build_optimizer, shard_model
 from recsys.metrics import CTRMetrics
@@ -140,7 +141,15 @@ def evaluate_checkpoint(config: Config, split: str = "test") -> dict[str, float]
 
 
 def train(config: Config) -> dict[str, dict[str, float]]:
-    """Runs the configured job and returns the final validation and test metrics."""
+    """Runs the configured job and returns the final validation and test metrics.
+
+    On SIGTERM it checkpoints after the current step and raises ``TrainingStopped``.
+    """
+    with GracefulStop() as stop:
+        return _train(config, stop)
+
+
+def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     job = build_job(config)
     env, splits, dmp, optimizer = job.env, job.splits, job.model, job.optimizer
     cfg_data, cfg_train = config.data, config.training
@@ -149,6 +158,8 @@ def train(config: Config) -> dict[str, dict[str, float]]:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        with open(os.path.join(run_dir, "plan.txt"), "w") as fh:
+            fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
@@ -166,8 +177,8 @@ def train(config: Config) -> dict[str, dict[str, float]]:
         logger.log(stage, progress["step"], result)
         return result
 
-    def checkpoint() -> None:
-        save_checkpoint(run_dir, dmp, optimizer, progress)
+    def checkpoint() -> str:
+        return save_checkpoint(run_dir, dmp, optimizer, progress)
 
     steps_per_epoch = num_batches(len(splits.train), cfg_data.batch_size, env.world_size, cfg_data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
@@ -204,6 +215,11 @@ def train(config: Config) -> dict[str, dict[str, float]]:
                 val_metrics = run_eval("val", splits.val)
             if cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0:
                 checkpoint()
+            inject_fault(progress["step"], env.rank, run_dir)
+            if signum := stop.requested(env.device):
+                bar.close()
+                logger.close()
+                raise TrainingStopped(signum, progress["step"], checkpoint())
         bar.close()
         if progress["batch_in_epoch"] >= steps_per_epoch:
             progress["epoch"] += 1

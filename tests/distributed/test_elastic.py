@@ -1,0 +1,50 @@
+"""The trainer's side of surviving preemption and lost workers (recsys/distributed/elastic.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
+
+
+def test_graceful_stop_turns_sigterm_into_a_request_and_restores_the_handler() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert stop.requested(torch.device("cpu")) == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested(torch.device("cpu")) == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_training_stopped_names_signal_step_and_checkpoint() -> None:
+    error = TrainingStopped(signal.SIGTERM, 12, "runs/x/checkpoints/step_00000012")
+    assert str(error) == "stopped by SIGTERM after step 12; checkpoint runs/x/checkpoints/step_00000012; rerun to resume"
+
+
+def test_inject_fault_is_a_no_op_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RECSYS_FAIL_AT_STEP", raising=False)
+    inject_fault(3, 0, str(tmp_path))
+    monkeypatch.setenv("RECSYS_FAIL_AT_STEP", "3")
+    monkeypatch.setenv("RECSYS_FAIL_RANK", "1")
+    inject_fault(3, 0, str(tmp_path))  # another rank
+    inject_fault(2, 1, str(tmp_path))  # another step
+    (tmp_path / "fault_injected_at_step_3").touch()
+    inject_fault(3, 1, str(tmp_path))  # already fired once in this run dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_injected_at_step_3"]
+
+
+def test_inject_fault_kills_the_chosen_rank_once(tmp_path: Path) -> None:
+    code = "import sys; from recsys.distributed.elastic import inject_fault; inject_fault(3, 1, sys.argv[1])"
+    env = {**os.environ, "RECSYS_FAIL_AT_STEP": "3", "RECSYS_FAIL_RANK": "1"}
+    first = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL
+    assert "killing rank 1 after step 3" in first.stdout
+    again = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
