@@ -13,7 +13,10 @@ $(VENV)/.recsys-installed: pyproject.toml tools/install.sh
 
 demo: install
 	$(BIN)/recsys generate --rows 1000000 --out data/synthetic
-	$(BIN)/recsys train configs/synthetic.yaml
+# Training is two nodes x one process on this machine, launched as on a cluster: torchx -> torchrun -> workers.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/torchx run -s local_cwd launch/components.py:train \
+		--nnodes 2 --nproc_per_node 1 -- configs/synthetic.yaml
+	$(BIN)/recsys eval configs/synthetic.yaml --split test
 	$(BIN)/recsys export configs/synthetic.yaml
 
 test: install
