@@ -13,9 +13,10 @@ $(VENV)/.recsys-installed: pyproject.toml tools/install.sh
 
 demo: install
 	$(BIN)/recsys generate --rows 1000000 --out data/synthetic
-# Training is two nodes x one process on this machine, launched as on a cluster: torchx -> torchrun -> workers.
+# Training: two nodes x one process on this machine, launched as on a cluster (torchx -> torchrun -> workers);
+# 2048 rows per process keep the config's global batch of 4096.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/torchx run -s local_cwd launch/components.py:train \
-		--nnodes 2 --nproc_per_node 1 -- configs/synthetic.yaml
+		--nnodes 2 --nproc_per_node 1 -- configs/synthetic.yaml data.batch_size=2048
 	$(BIN)/recsys eval configs/synthetic.yaml --split test
 	$(BIN)/recsys export configs/synthetic.yaml
 
