@@ -75,13 +75,22 @@ class Launcher:
         return output
 
     def torchx(
-        self, *component_args: str, overrides: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        run_dir: Path,
+        nnodes: int,
+        nproc_per_node: int,
+        component_args: tuple[str, ...] = (),
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> str:
-        """``torchx run -s local_cwd launch/components.py:train ARGS -- CONFIG OVERRIDES``; returns the logs."""
+        """``torchx run -s local_cwd launch/components.py:train`` on nnodes x nproc_per_node workers with
+        ``overrides(run_dir, ...) + extra``; TorchX keeps the replicas' logs in ``<run_dir>-logs``. Returns
+        what torchx printed."""
         torchx = [sys.executable, "-m", "torchx.cli.main"]
         return self.run(
-            [*torchx, "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}",
-             "launch/components.py:train", *component_args, "--", CONFIG, *overrides],
+            [*torchx, "run", "-s", "local_cwd", "-cfg", f"log_dir={run_dir}-logs", "launch/components.py:train",
+             "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), *component_args,
+             "--", CONFIG, *self.overrides(run_dir, nnodes * nproc_per_node, *extra)],
             env=env,
         )  # fmt: skip
 

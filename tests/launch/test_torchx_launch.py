@@ -21,7 +21,7 @@ CHECKPOINT_EVERY = 5
 FAIL_AT_STEP = 23  # epoch 1, batch 4: the restart resumes from step 20 (epoch 1, batch 1)
 
 
-EXTRA = [f"training.epochs={EPOCHS}", f"training.checkpoint_every_steps={CHECKPOINT_EVERY}"]
+EXTRA = (f"training.epochs={EPOCHS}", f"training.checkpoint_every_steps={CHECKPOINT_EVERY}")
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +42,16 @@ def single(module_launcher: Launcher) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def one_node_two_procs(module_launcher: Launcher) -> tuple[Path, str]:
     run_dir = module_launcher.tmp_path / "1x2"
-    logs = module_launcher.torchx(
-        "--nnodes", "1", "--nproc_per_node", "2", "--max_restarts", "0",
-        overrides=module_launcher.overrides(run_dir, 2, *EXTRA), log_dir=run_dir.with_name("1x2-logs"),
-    )  # fmt: skip
-    return run_dir, logs
+    return run_dir, module_launcher.torchx(run_dir, 1, 2, ("--max_restarts", "0"), EXTRA)
 
 
 @pytest.fixture(scope="module")
 def two_nodes_killed_worker(module_launcher: Launcher) -> tuple[Path, str]:
     """2 nodes x 1 process; rank 1 is SIGKILLed after step FAIL_AT_STEP; torchelastic restarts the group."""
     run_dir = module_launcher.tmp_path / "2x1"
-    logs = module_launcher.torchx(
-        "--nnodes", "2", "--nproc_per_node", "1", "--max_restarts", "1", "--rdzv_port", str(free_port()),
-        overrides=module_launcher.overrides(run_dir, 2, *EXTRA), log_dir=run_dir.with_name("2x1-logs"),
-        env={"RECSYS_FAIL_AT_STEP": str(FAIL_AT_STEP), "RECSYS_FAIL_RANK": "1"},
-    )  # fmt: skip
-    return run_dir, logs
+    fault = {"RECSYS_FAIL_AT_STEP": str(FAIL_AT_STEP), "RECSYS_FAIL_RANK": "1"}
+    component_args = ("--max_restarts", "1", "--rdzv_port", str(free_port()))
+    return run_dir, module_launcher.torchx(run_dir, 2, 1, component_args, EXTRA, env=fault)
 
 
 def test_one_node_two_processes_logs_by_rank_and_records_the_run(
@@ -86,7 +79,7 @@ def test_lost_worker_restarts_group_from_checkpoint_without_changing_the_result(
     run_dir, logs = two_nodes_killed_worker
     assert f"killing rank 1 after step {FAIL_AT_STEP}" in logs, logs[-3000:]
     # torchelastic logs each attempt of the worker group under the torchx log dir: the group restarted once.
-    attempts = {p.name for p in run_dir.with_name("2x1-logs").rglob("attempt_*")}
+    attempts = {p.name for p in Path(f"{run_dir}-logs").rglob("attempt_*")}
     assert attempts == {"attempt_0", "attempt_1"}, attempts
     assert (run_dir / "plan.txt").read_text().startswith("2 rank(s), 1 per node, cpu")
 
