@@ -1,53 +1,75 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): each rank writes its own shards of the tables and
 of the fused optimizer state, so saving never gathers a table on one rank, and a checkpoint can be loaded
-by a different number of ranks (DCP reshards on load).
+by a different number of ranks (DCP reshards on load: save on 2 ranks, resume on 4 or on 1).
 
-Layout under ``<run_dir>/checkpoints``: ``step_00001000/`` (a DCP checkpoint) and ``latest`` (the name of
-the newest complete one). A checkpoint is written to ``step_N.tmp`` and renamed when every rank has
-finished, and ``latest`` is replaced atomically after that, so a crash mid-save leaves the previous
-checkpoint usable.
+A checkpoint holds the model (sharded tables + dense parameters), the optimizer (fused FBGEMM state of
+the table shards + dense optimizer state), the training progress (step, epoch, global batch index within
+the epoch, global batch size) and each rank's RNG state.
+
+``run_dir`` may be a local path or any fsspec URL (``s3://``, ``gs://``, ``file://``, ...): local paths go
+through DCP's ``FileSystemWriter``, URLs through its ``FsspecWriter``. Layout under
+``<run_dir>/checkpoints``: ``step_00001000/`` (a DCP checkpoint) and ``latest`` (the name of the newest
+complete one). A checkpoint is written to ``step_N.tmp``, renamed when every rank has finished, and only
+then does ``latest`` move to it; a crash at any point leaves ``latest`` naming the previous complete
+checkpoint. The newest ``keep_last`` checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
-from pathlib import Path
+import posixpath
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from iopath.common.file_io import PathManager
+from fsspec.implementations.local import LocalFileSystem
 from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-path_manager = PathManager()
-
 LATEST = "latest"
+PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "global_batch_size")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot continue this run as configured."""
 
 
 def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, "checkpoints")
+    return posixpath.join(run_dir, "checkpoints")
+
+
+def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs, stripped
+
+
+def _writer(path: str) -> StorageWriter:
+    fs, local = _fs(path)
+    return dcp.FileSystemWriter(local) if isinstance(fs, LocalFileSystem) else FsspecWriter(path)
+
+
+def _reader(path: str) -> StorageReader:
+    fs, local = _fs(path)
+    return dcp.FileSystemReader(local) if isinstance(fs, LocalFileSystem) else FsspecReader(path)
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """Path of the newest complete checkpoint, or None."""
-    pointer = os.path.join(checkpoint_root(run_dir), LATEST)
-    if not path_manager.exists(pointer):
+    root = checkpoint_root(run_dir)
+    fs, local_root = _fs(root)
+    pointer = posixpath.join(local_root, LATEST)
+    if not fs.exists(pointer):
         return None
-    with path_manager.open(pointer, "r") as fh:
-        name = fh.read().strip()
-    path = os.path.join(checkpoint_root(run_dir), name)
-    return path if path_manager.exists(path) else None
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with path_manager.open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)  # atomic; iopath's mv refuses to overwrite, which left `latest` stale
+    name = fs.cat_file(pointer).decode().strip()
+    # DCP writes .metadata last, after every rank's data: its presence marks a complete checkpoint.
+    if not fs.exists(posixpath.join(local_root, name, ".metadata")):
+        return None
+    return posixpath.join(root, name)
 
 
 def _init_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
@@ -71,66 +93,104 @@ def _set_rng_state(blob: torch.Tensor) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def save_checkpoint(
     run_dir: str, model: nn.Module, optimizer: CombinedOptimizer, progress: dict[str, int], keep_last: int = 3
 ) -> str:
-    """Saves model, optimizer, training progress (step, epoch, batch in epoch) and RNG state.
+    """Saves model, optimizer, training progress and RNG state; every rank must call this.
 
-    Every rank must call this. Returns the checkpoint path.
+    Returns the checkpoint path.
     """
     root = checkpoint_root(run_dir)
+    fs, local_root = _fs(root)
     name = f"step_{progress['step']:08d}"
-    final = os.path.join(root, name)
-    tmp = f"{final}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        path_manager.mkdirs(root)
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+    tmp = posixpath.join(local_root, f"{name}.tmp")
+    if _rank() == 0:
+        fs.makedirs(local_root, exist_ok=True)
+        if fs.exists(tmp):  # left by a crash during an earlier attempt at this step
+            fs.rm(tmp, recursive=True)
     _barrier()
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "progress": {k: torch.tensor(v) for k, v in progress.items()},
-        f"rng_rank{rank}": _rng_state(),
+        f"rng_rank{_rank()}": _rng_state(),
     }
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")))
     _barrier()
-    if rank == 0:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(os.path.join(root, LATEST), name)
-        _prune(root, keep_last)
+    if _rank() == 0:
+        final = posixpath.join(local_root, name)
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+        fs.mv(tmp, final, recursive=True)  # os.rename on a local disk: atomic
+        pointer = posixpath.join(local_root, LATEST)
+        fs.pipe_file(f"{pointer}.tmp", name.encode())
+        fs.mv(f"{pointer}.tmp", pointer)  # the commit point
+        _prune(fs, local_root, keep_last, name)
     _barrier()
-    return final
+    return posixpath.join(root, name)
 
 
-def _prune(root: str, keep_last: int) -> None:
-    done = sorted(p for p in os.listdir(root) if p.startswith("step_") and not p.endswith(".tmp"))
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+def _prune(fs: fsspec.AbstractFileSystem, root: str, keep_last: int, latest: str) -> None:
+    """Keeps the newest ``keep_last`` complete checkpoints; drops leftovers of interrupted saves."""
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+    done = [n for n in names if n.startswith("step_") and not n.endswith(".tmp")]
+    stale = [n for n in names if n.startswith("step_") and n.endswith(".tmp")]
+    for old in [n for n in done[:-keep_last] if n != latest] + stale:
+        fs.rm(posixpath.join(root, old), recursive=True)
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer: CombinedOptimizer) -> dict[str, int]:
-    """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress."""
+def load_checkpoint(
+    path: str, model: nn.Module, optimizer: CombinedOptimizer, global_batch_size: int | None = None
+) -> dict[str, int]:
+    """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress.
+
+    ``global_batch_size`` (batch per rank x ranks) must equal the saved one when given: the data position
+    is a global batch index, meaningful only for the global batch it was counted in.
+    """
     _init_dense_optimizer_state(optimizer)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    saved = _reader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "progress": {k: torch.tensor(0) for k in ("step", "epoch", "batch_in_epoch")},
+        "progress": {k: torch.tensor(0) for k in PROGRESS_KEYS if f"progress.{k}" in saved},
     }
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=_reader(path))
+    progress = {k: int(v) for k, v in state["progress"].items()}
+    saved_batch = progress.get("global_batch_size")
+    if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
+        raise CheckpointMismatch(
+            f"{path} was written with a global batch of {saved_batch} samples but this run's is "
+            f"{global_batch_size} (data.batch_size x world size); its data position (global batch "
+            f"{progress['batch_in_epoch']} of epoch {progress['epoch']}) only holds for the same global "
+            f"batch: set data.batch_size to {saved_batch} / world size"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    rng_key = f"rng_rank{rank}"
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata.get(rng_key)
-    if saved is not None:  # absent when resuming with more ranks than saved
-        rng: dict[str, Any] = {rng_key: torch.empty(saved.size, dtype=torch.uint8)}
-        dcp.load(rng, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    rng_key = f"rng_rank{_rank()}"
+    if rng_key in saved:  # absent when resuming with more ranks than saved
+        rng: dict[str, Any] = {rng_key: torch.empty(saved[rng_key].size, dtype=torch.uint8)}
+        dcp.load(rng, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         _set_rng_state(rng[rng_key])
-    return {k: int(v) for k, v in state["progress"].items()}
+    return progress
+
+
+def read_tensors(path: str, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Every tensor under ``prefix`` in a checkpoint, whole (shards joined), on CPU, in one process.
+
+    Returns names without the prefix, e.g. ``model.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight``.
+    """
+    saved = _reader(path).read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in saved.items()
+        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load(state, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return {key[len(prefix) :]: value for key, value in state.items()}
 
 
 def _barrier() -> None:

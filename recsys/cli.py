@@ -52,6 +52,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from recsys.config import load_config
+    from recsys.distributed.planning import dry_run, format_report
+    from recsys.distributed.sharding import PlanError
+
+    config = load_config(args.config, args.overrides)
+    device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
+    try:
+        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
+    except PlanError as e:
+        print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict()) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("overrides", nargs="*", help=overrides_help)
     ex.add_argument("--out", default=None, help="output folder (default: <run_dir>/export)")
     ex.set_defaults(func=_export)
+
+    pl = sub.add_parser(
+        "plan",
+        help="show where the planner puts every table on a cluster (dry run, nothing allocated)",
+        description="Builds the model on the meta device and runs TorchRec's planner for the given topology: "
+        "prints each table's sharding type, kernel, ranks and memory, and each rank's memory against its cap. "
+        "Exits 1 naming the tables that cannot fit.",
+    )
+    pl.add_argument("config", help="YAML config")
+    pl.add_argument("overrides", nargs="*", help=overrides_help)
+    pl.add_argument("--world-size", type=int, required=True, help="total ranks (devices)")
+    pl.add_argument("--local-world-size", type=int, default=0, help="ranks per node (default: all on one)")
+    pl.add_argument("--device-memory-gb", type=float, default=None, help="per-rank cap; default sharding.device_memory_gb, else the device's")
+    pl.add_argument("--compute-device", choices=["cuda", "cpu"], default=None, help="default cuda unless the config says cpu")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_plan)
     return parser
 
 

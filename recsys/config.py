@@ -87,17 +87,43 @@ class TrainingConfig:
     seed: int = 0
     run_dir: str = "runs/default"
     resume: bool = True
+    keep_last_checkpoints: int = 3
+
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
+
+
+@dataclass
+class TableShardingConfig:
+    """Planner constraints for one table (``ParameterConstraints``); empty lists leave the choice open.
+
+    ``cache_load_factor`` is the fraction of the table's rows the ``fused_uvm_caching`` kernel keeps in
+    device memory (0 = TorchRec's default). ``min_partition`` is the narrowest column-wise shard.
+    """
+
+    sharding_types: list[str] = field(default_factory=list)
+    compute_kernels: list[str] = field(default_factory=list)
+    cache_load_factor: float = 0.0
+    min_partition: int = 0
 
 
 @dataclass
 class ShardingConfig:
-    """Topology and placement hints for TorchRec's planner."""
+    """Topology and placement hints for TorchRec's planner.
+
+    ``device_memory_gb`` caps what the planner may place on one rank's device (HBM on CUDA; on CPU the
+    rank's share of host memory); 0 = the device's own size (TorchRec's default on CPU). ``sharding_types``
+    / ``compute_kernels`` restrict every table; ``tables`` maps a table name (``t_<feature>`` or a shared
+    table's name) or a feature name to constraints of its own, which replace the global lists.
+    """
 
     compute_device: str = "auto"
     sharding_types: list[str] = field(default_factory=list)
     compute_kernels: list[str] = field(default_factory=list)
     device_memory_gb: float = 0.0
     host_memory_gb: float = 0.0
+    tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,6 +196,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
@@ -274,3 +302,38 @@ def validate(config: Config) -> None:
         raise ConfigError("model.dropout must be in [0, 1)")
     if data.batch_size <= 0 or data.eval_batch_size <= 0:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
+    if config.training.keep_last_checkpoints < 1:
+        raise ConfigError("training.keep_last_checkpoints must be at least 1")
+    _validate_sharding(config)
+
+
+def _validate_sharding(config: Config) -> None:
+    sharding = config.sharding
+    if sharding.device_memory_gb < 0 or sharding.host_memory_gb < 0:
+        raise ConfigError("sharding.device_memory_gb and sharding.host_memory_gb must be >= 0")
+    features = config.data.sparse_features
+    shared = config.model.shared_tables
+    in_shared = {f for group in shared.values() for f in group}
+    tables = [*shared, *(f"t_{f}" for f in features if f not in in_shared)]
+    entries = {"sharding": sharding, **{f"sharding.tables.{k}": v for k, v in sharding.tables.items()}}
+    for key, entry in entries.items():
+        for value in entry.sharding_types:
+            if value not in SHARDING_TYPES:
+                raise ConfigError(f"{key}.sharding_types: {value!r} is not one of {list(SHARDING_TYPES)}")
+        for value in entry.compute_kernels:
+            if value not in COMPUTE_KERNELS:
+                raise ConfigError(f"{key}.compute_kernels: {value!r} is not one of {list(COMPUTE_KERNELS)}")
+    resolved: dict[str, str] = {}
+    for name, entry in sharding.tables.items():
+        table = name if name in tables else f"t_{name}"
+        if table in resolved:
+            raise ConfigError(f"sharding.tables: {resolved[table]!r} and {name!r} name the same table {table!r}")
+        resolved[table] = name
+        if name not in tables and name not in features:
+            raise ConfigError(f"sharding.tables: {name!r} is neither a table {tables} nor a sparse feature")
+        if name in in_shared:
+            raise ConfigError(f"sharding.tables.{name}: feature is in shared table; constrain the table instead")
+        if not 0.0 <= entry.cache_load_factor <= 1.0:
+            raise ConfigError(f"sharding.tables.{name}.cache_load_factor must be in [0, 1]")
+        if entry.min_partition < 0 or entry.min_partition % 4:
+            raise ConfigError(f"sharding.tables.{name}.min_partition must be a non-negative multiple of 4")

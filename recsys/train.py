@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -86,6 +87,15 @@ class RunLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def global_mean(value: float, device: torch.device) -> float:
+    """Mean of a per-rank value over the process group: the loss of the global batch (equal rank batches)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces only device tensors
+    dist.all_reduce(tensor)
+    return float(tensor) / dist.get_world_size()
 
 
 @torch.no_grad()
@@ -161,10 +171,13 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
         with open(os.path.join(run_dir, "plan.txt"), "w") as fh:
             fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    # The data position is a global batch index, so a run resumes on a different number of ranks only
+    # with the same global batch (data.batch_size x world size); load_checkpoint checks it.
+    global_batch = cfg_data.batch_size * env.world_size
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
     if resume_from:
-        progress = load_checkpoint(resume_from, dmp, optimizer)
+        progress = load_checkpoint(resume_from, dmp, optimizer, global_batch)
 
     logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
@@ -178,7 +191,7 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
         return result
 
     def checkpoint() -> str:
-        return save_checkpoint(run_dir, dmp, optimizer, progress)
+        return save_checkpoint(run_dir, dmp, optimizer, progress, cfg_train.keep_last_checkpoints)
 
     steps_per_epoch = num_batches(len(splits.train), cfg_data.batch_size, env.world_size, cfg_data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
@@ -208,8 +221,9 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
             bar.update(1)
             if window_steps == config.logging.log_every_steps or progress["batch_in_epoch"] == steps_per_epoch:
                 rate = window_steps * samples_per_step / (time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", samples_per_s=f"{rate:,.0f}")
-                logger.log("train", progress["step"], {"loss": window_loss / window_steps, "samples_per_s": rate})
+                mean_loss = global_mean(window_loss / window_steps, env.device)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate})
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
             if cfg_train.eval_every_steps and progress["step"] % cfg_train.eval_every_steps == 0:
                 val_metrics = run_eval("val", splits.val)

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, cast
 
 import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ModuleSharder, ShardingPlan
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.stats import NoopEmbeddingStats
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    ShardingOption,
+    Storage,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys.config import Config
+from recsys.config import Config, TableShardingConfig
 from recsys.distributed.env import DistEnv
 
 # Classes FBGEMM fuses into the embedding backward (torchrec maps each to an EmbOptimType).
@@ -25,6 +47,13 @@ SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "rowwise_adagrad": trec_optim.RowWiseAdagrad,
     "adam": trec_optim.Adam,
     "sgd": trec_optim.SGD,
+}
+# The same updates as plain torch optimizers, for data-parallel (replicated) tables, which FBGEMM does not own.
+REPLICATED_TABLE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
 }
 DENSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
@@ -60,68 +89,301 @@ def attach_sparse_optimizer(model: nn.Module, config: Config, device: torch.devi
     )
 
 
-def make_topology(config: Config, env: DistEnv) -> Topology:
-    gib = 1024**3
-    sharding = config.sharding
-    kwargs: dict[str, Any] = {}
-    if sharding.device_memory_gb > 0:
-        kwargs["hbm_cap"] = int(sharding.device_memory_gb * gib)
-    if sharding.host_memory_gb > 0:
-        kwargs["ddr_cap"] = int(sharding.host_memory_gb * gib)
-    return Topology(
-        world_size=env.world_size,
-        local_world_size=env.local_world_size,
-        compute_device=env.device.type,
-        **kwargs,
-    )
+GIB = 1024**3
 
 
-def make_constraints(model: nn.Module, config: Config) -> dict[str, ParameterConstraints]:
-    sharding = config.sharding
-    if not (sharding.sharding_types or sharding.compute_kernels):
-        return {}
-    tables = [c.name for c in _embedding_bag_configs(model)]
-    return {
-        name: ParameterConstraints(
-            sharding_types=sharding.sharding_types or None,
-            compute_kernels=sharding.compute_kernels or None,
-        )
-        for name in tables
-    }
+class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
+    """TorchRec's EmbeddingBagCollection sharder, with row-wise and table-row-wise placement on CPU too.
 
+    TorchRec offers row-wise sharding only for CUDA although its CPU path (FBGEMM CPU kernels, bucketized
+    input distribution, reduce-scatter over gloo) computes it correctly; tests/distributed checks this
+    numerically against single-process training. Without it a table larger than one rank's memory cap
+    could not be trained on CPU ranks, and laptops/CI could not exercise row-wise placement.
+    """
 
-def _embedding_bag_configs(model: nn.Module) -> list[Any]:
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    return [c for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types += [t.value for t in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE) if t.value not in types]
+        return types
 
 
 def make_sharders() -> list[ModuleSharder[nn.Module]]:
-    return get_default_sharders()
+    return [cast(ModuleSharder[nn.Module], EmbeddingBagSharder())]
 
 
-def plan_sharding(model: nn.Module, config: Config, env: DistEnv, batch_size: int) -> ShardingPlan:
-    planner = EmbeddingShardingPlanner(
-        topology=make_topology(config, env),
-        batch_size=batch_size,
-        constraints=make_constraints(model, config),
+def make_topology(config: Config, world_size: int, local_world_size: int, device_type: str) -> Topology:
+    """The cluster as the planner sees it; memory caps from config (per rank) override the device's.
+
+    On CUDA ``device_memory_gb`` caps HBM and ``host_memory_gb`` the host memory a rank may use (UVM);
+    on CPU a rank's tables live in host memory, capped by ``device_memory_gb`` (or ``host_memory_gb``).
+    """
+    sharding = config.sharding
+    hbm = ddr = None
+    if device_type == "cuda":
+        hbm, ddr = sharding.device_memory_gb, sharding.host_memory_gb
+    else:
+        ddr = sharding.device_memory_gb or sharding.host_memory_gb
+    return TopologyFactory.create_topology(
+        TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=int(hbm * GIB) if hbm else None,
+            ddr_cap_bytes=int(ddr * GIB) if ddr else None,
+        ),
+        kernel_config=KernelConfig(compute_device=device_type),
     )
-    return planner.collective_plan(model, make_sharders(), dist.GroupMember.WORLD)
+
+
+def make_constraints(config: Config, tables: list[EmbeddingBagConfig]) -> dict[str, ParameterConstraints]:
+    """Per-table ``ParameterConstraints``: a table's own entry in ``sharding.tables`` (by table or feature
+    name), else the global ``sharding.sharding_types`` / ``compute_kernels``."""
+    sharding = config.sharding
+    default = TableShardingConfig(sharding.sharding_types, sharding.compute_kernels)
+    constraints = {}
+    for table in tables:
+        entry = sharding.tables.get(table.name) or next(
+            (sharding.tables[f] for f in table.feature_names if f in sharding.tables), default
+        )
+        if entry == TableShardingConfig():
+            continue
+        constraints[table.name] = ParameterConstraints(
+            sharding_types=entry.sharding_types or None,
+            compute_kernels=entry.compute_kernels or None,
+            min_partition=entry.min_partition or None,
+            cache_params=CacheParams(load_factor=entry.cache_load_factor) if entry.cache_load_factor else None,
+            # The planner's storage estimate needs one pooling factor per feature (one-hot Criteo: 1).
+            pooling_factors=[1.0] * len(table.feature_names),
+        )
+    return constraints
+
+
+def embedding_bag_configs(model: nn.Module) -> list[EmbeddingBagConfig]:
+    return [c for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
+
+
+class PlanError(RuntimeError):
+    """The tables cannot be placed on the given cluster; the message names the tables and memory needed."""
+
+
+# Share of every rank's memory the planner keeps free beyond its estimate of dense parameters, optimizer
+# state and input batches (TorchRec's default margin).
+RESERVED_FRACTION = 0.15
+
+
+@dataclass
+class Planner:
+    """TorchRec's planner with the pieces recsys reports on: the reserved topology and the chosen options."""
+
+    config: Config
+    topology: Topology
+    model: nn.Module
+    constraints: dict[str, ParameterConstraints] = field(init=False)
+    reservation: HeuristicalStorageReservation = field(init=False)
+    chosen: list[ShardingOption] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.constraints = make_constraints(self.config, embedding_bag_configs(self.model))
+        with warnings.catch_warnings():
+            # It warns that dry runs over-estimate dense tensors on meta; recsys keeps the dense part off
+            # meta (only tables are deferred), so its estimate of dense memory is right here.
+            warnings.simplefilter("ignore", FutureWarning)
+            self.reservation = HeuristicalStorageReservation(percentage=RESERVED_FRACTION)
+
+    def _enumerator(self) -> EmbeddingEnumerator:
+        return EmbeddingEnumerator(
+            topology=self.topology, batch_size=self.config.data.batch_size, constraints=self.constraints
+        )
+
+    def _keep(self, options: list[ShardingOption]) -> list[ShardingOption]:
+        self.chosen = options
+        return options
+
+    def planner(self) -> EmbeddingShardingPlanner:
+        return EmbeddingShardingPlanner(
+            topology=self.topology,
+            batch_size=self.config.data.batch_size,
+            enumerator=self._enumerator(),
+            storage_reservation=self.reservation,
+            stats=NoopEmbeddingStats(),
+            constraints=self.constraints,
+            callbacks=[self._keep],
+        )
+
+    def plan(self, group: dist.ProcessGroup | None = None) -> ShardingPlan:
+        """Plans locally (``group=None``, a dry run) or on rank 0 of ``group`` and broadcasts the plan."""
+        planner = self.planner()
+        try:
+            with _quiet_planner_logs():
+                if group is None:
+                    return planner.plan(self.model, make_sharders())
+                return planner.collective_plan(self.model, make_sharders(), group)
+        except PlannerError:
+            raise PlanError(self.explain_failure()) from None
+
+    def usable_per_rank(self) -> list[Storage]:
+        """Each rank's capacity less the planner's reservation (dense model, batches, margin)."""
+        with _quiet_planner_logs():
+            reserved = self.reservation.reserve(
+                topology=self.topology,
+                batch_size=self.config.data.batch_size,
+                module=self.model,
+                sharders=make_sharders(),
+                constraints=self.constraints,
+            )
+        return [device.storage for device in reserved.devices]
+
+    def explain_failure(self) -> str:
+        """Names the tables no single rank can hold even when split, or else the total shortfall."""
+        tier = "hbm" if self.topology.compute_device == "cuda" else "ddr"
+        usable = self.usable_per_rank()
+        per_rank = max(getattr(s, tier) for s in usable)
+        total = sum(getattr(s, tier) for s in usable)
+        smallest_shard: dict[str, tuple[int, ShardingOption]] = {}
+        smallest_total: dict[str, int] = {}
+        for option in self._enumerator().enumerate(self.model, make_sharders()):
+            largest = max(getattr(shard.storage, tier) for shard in option.shards)
+            summed = sum(getattr(shard.storage, tier) for shard in option.shards)
+            if option.name not in smallest_shard or largest < smallest_shard[option.name][0]:
+                smallest_shard[option.name] = (largest, option)
+            smallest_total[option.name] = min(summed, smallest_total.get(option.name, summed))
+        where = f"{self.topology.world_size} rank(s) with {gb(per_rank)} usable {tier.upper()} each"
+        too_big = sorted((v for v in smallest_shard.values() if v[0] > per_rank), key=lambda v: -v[0])
+        if too_big:
+            lines = [
+                f"  {o.name} ({o.tensor.shape[0]:,} x {o.tensor.shape[1]}): needs {gb(need)} on one rank even "
+                f"as {o.sharding_type} in {len(o.shards)} shard(s)"
+                for need, o in too_big
+            ]
+            return "\n".join([f"these tables cannot fit on {where}:", *lines, _hint(self.topology)])
+        needed = sum(smallest_total.values())
+        biggest = sorted(smallest_total.items(), key=lambda kv: -kv[1])[:5]
+        return "\n".join(
+            [
+                f"the tables need at least {gb(needed)} of {tier.upper()} in total but {where} give {gb(total)}; "
+                "largest: " + ", ".join(f"{name} {gb(size)}" for name, size in biggest),
+                _hint(self.topology),
+            ]
+        )
+
+
+# Planner log lines that do not apply to recsys: data-parallel tables have no sharding spec by design, and
+# the dry-run caveat concerns dense parameters on meta, which recsys never has.
+_QUIET = {
+    "": "Sharding spec not found",
+    "torchrec.distributed.planner.storage_reservations": "There is a known issue with TorchRec's dense tensor",
+}
+
+
+@contextlib.contextmanager
+def _quiet_planner_logs() -> Iterator[None]:
+    filters = [(logging.getLogger(name), _prefix_filter(prefix)) for name, prefix in _QUIET.items()]
+    for logger, keep in filters:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger, keep in filters:
+            logger.removeFilter(keep)
+
+
+def _prefix_filter(prefix: str) -> Callable[[logging.LogRecord], bool]:
+    return lambda record: not str(record.msg).startswith(prefix)
+
+
+def _hint(topology: Topology) -> str:
+    cap = "sharding.device_memory_gb" + (" / sharding.host_memory_gb with fused_uvm_caching" if topology.compute_device == "cuda" else "")
+    return f"raise {cap}, add ranks, or shrink model.num_embeddings / model.embedding_dim"
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3f} GiB" if nbytes < GIB else f"{nbytes / GIB:.1f} GiB"
+
+
+def plan_sharding(model: nn.Module, config: Config, env: DistEnv) -> ShardingPlan:
+    """Plans on rank 0 and broadcasts, so every rank shards identically; raises PlanError when it cannot fit."""
+    topology = make_topology(config, env.world_size, env.local_world_size, env.device.type)
+    return Planner(config, topology, model).plan(dist.GroupMember.WORLD)
 
 
 def shard_model(model: nn.Module, config: Config, env: DistEnv) -> DistributedModelParallel:
-    """Attaches the fused sparse optimizer, plans placement and wraps ``model`` (built on meta) in DMP."""
+    """Attaches the fused sparse optimizer, plans placement and wraps ``model`` (built on meta) in DMP.
+
+    The tables are then re-initialised by ``init_tables`` so that the initial weights do not depend on
+    how they were sharded.
+    """
     attach_sparse_optimizer(model, config, env.device)
-    plan = plan_sharding(model, config, env, config.data.batch_size)
-    return DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=make_sharders())
+    tables = embedding_bag_configs(model)  # before DMP swaps the collection for its sharded version
+    plan = plan_sharding(model, config, env)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=make_sharders())
+    init_tables(dmp, tables, config.training.seed, config.model.embedding_init_std)
+    return dmp
+
+
+# Rows per block of the sharding-independent init: each block has its own generator stream.
+INIT_BLOCK_ROWS = 65536
+
+
+@torch.no_grad()
+def init_tables(model: nn.Module, tables: list[EmbeddingBagConfig], seed: int, std: float) -> None:
+    """Fills every table shard with N(0, std) values that depend only on (seed, table, row, column).
+
+    TorchRec initialises each shard on its own rank from that rank's RNG, so the same seed gives
+    different weights under different plans or world sizes; this makes 1 and N processes start from the
+    same model (and lets runs be compared across topologies). Row block b of table t is drawn from a
+    generator seeded with (seed, t, b); a shard draws only the blocks it overlaps.
+    """
+    index = {t.name: i for i, t in enumerate(tables)}
+    for key, value in model.state_dict().items():
+        table = key.split(".")[-2] if key.endswith(".weight") else None
+        if table not in index or "embedding_bags" not in key:
+            continue
+        for offsets, shard in _local_blocks(value):
+            _fill_block(shard, offsets, seed, index[table], tables[index[table]].embedding_dim, std)
+
+
+def _local_blocks(value: Any) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """(row offset, column offset) and local tensor of each shard this rank holds."""
+    if isinstance(value, ShardedTensor):
+        return [(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]  # type: ignore[misc]
+    if isinstance(value, DTensor):
+        raise TypeError("DTensor table weights are not supported by init_tables")
+    return [((0, 0), value)]
+
+
+def _fill_block(shard: torch.Tensor, offsets: tuple[int, int], seed: int, table: int, width: int, std: float) -> None:
+    row0, col0 = offsets
+    rows, cols = shard.shape
+    for block in range(row0 // INIT_BLOCK_ROWS, (row0 + rows - 1) // INIT_BLOCK_ROWS + 1):
+        start = block * INIT_BLOCK_ROWS
+        generator = torch.Generator(device=shard.device)
+        generator.manual_seed(((seed * 1_000_003 + table) * 1_000_003 + block) % 2**63)
+        lo, hi = max(row0, start), min(row0 + rows, start + INIT_BLOCK_ROWS)
+        # The stream is drawn from the block's first row, so a shard starting mid-block sees the same values.
+        values = torch.empty(hi - start, width, device=shard.device).normal_(0.0, std, generator=generator)
+        shard[lo - row0 : hi - row0].copy_(values[lo - start : hi - start, col0 : col0 + cols])
 
 
 def build_optimizer(model: DistributedModelParallel, config: Config) -> CombinedOptimizer:
-    """The fused FBGEMM optimizer of the tables combined with a dense optimizer for everything else."""
+    """The fused FBGEMM optimizer of the sharded tables, the sparse optimizer for data-parallel tables and
+    a dense optimizer for everything else.
+
+    TorchRec hands data-parallel tables to DDP as plain replicated parameters, dropping their in-backward
+    optimizer; without the second group they would silently train with the dense optimizer and its
+    learning rate.
+    """
     opt = config.optimizer
-    dense_params = dict(in_backward_optimizer_filter(model.named_parameters()))
+    rest = dict(in_backward_optimizer_filter(model.named_parameters()))
+    replicated_tables = {name: p for name, p in rest.items() if ".embedding_bags." in name}
+    dense_params = {name: p for name, p in rest.items() if name not in replicated_tables}
     dense = KeyedOptimizerWrapper(
         dense_params,
         lambda params: DENSE_OPTIMIZERS[opt.dense](params, lr=opt.dense_lr, weight_decay=opt.dense_weight_decay),
     )
-    return CombinedOptimizer([model.fused_optimizer, dense])
+    optimizers = [model.fused_optimizer, dense]
+    if replicated_tables:
+        sparse = REPLICATED_TABLE_OPTIMIZERS[opt.sparse]
+        optimizers.append(
+            KeyedOptimizerWrapper(replicated_tables, lambda params: sparse(params, **sparse_optimizer_kwargs(config)))
+        )
+    return CombinedOptimizer(optimizers)

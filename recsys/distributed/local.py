@@ -1,0 +1,68 @@
+"""Running a function on N local processes that form one process group (tests, benchmarks, laptops).
+
+``torch.multiprocessing.start_processes`` starts the processes but neither sets the rendezvous variables
+that ``init_distributed`` reads nor hands back return values, which tests compare across world sizes; this
+adds both. Production runs use torchrun/TorchX, which set the same variables.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from recsys.distributed.env import _free_port, shutdown_distributed
+
+
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, port: int, args: tuple, threads: int, results: Any
+) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(threads)
+    try:
+        # Pickled here: a queue would share tensors through file descriptors that die with this process.
+        results.put((rank, True, pickle.dumps(fn(*args))))
+    except BaseException:  # reported to the parent, which raises
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        shutdown_distributed()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 600) -> list[Any]:
+    """Calls ``fn(*args)`` on ranks 0..world_size-1 (spawned processes) and returns their results by rank.
+
+    ``fn`` must be importable (module level) and its arguments and result picklable. Each process gets an
+    equal share of the CPU threads. Raises RuntimeError with the failing ranks' tracebacks.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = _free_port()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    procs = [
+        ctx.Process(target=_entry, args=(fn, rank, world_size, port, args, threads, results), daemon=False)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout_s)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    collected: dict[int, tuple[bool, Any]] = {}
+    while not results.empty():
+        rank, ok, value = results.get()
+        collected[rank] = (ok, value)
+    failures = [f"rank {r}:\n{v}" for r, (ok, v) in sorted(collected.items()) if not ok]
+    missing = [r for r in range(world_size) if r not in collected]
+    if failures or missing:
+        codes = {r: procs[r].exitcode for r in missing}
+        raise RuntimeError("\n".join(failures) + (f"\nno result from ranks (exit codes) {codes}" if missing else ""))
+    return [pickle.loads(collected[r][1]) for r in range(world_size)]
