@@ -170,10 +170,11 @@ def load_checkpoint(
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    # A rank beyond the saving world size has no RNG state to restore; it still joins the collective load.
     rng_key = f"rng_rank{_rank()}"
-    if rng_key in saved:  # absent when resuming with more ranks than saved
-        rng: dict[str, Any] = {rng_key: torch.empty(saved[rng_key].size, dtype=torch.uint8)}
-        dcp.load(rng, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    rng: dict[str, Any] = {rng_key: torch.empty(saved[rng_key].size, dtype=torch.uint8)} if rng_key in saved else {}
+    dcp.load(rng, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    if rng:
         _set_rng_state(rng[rng_key])
     return progress
 

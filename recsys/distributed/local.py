@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import traceback
 from typing import Any, Callable
 
@@ -51,8 +52,9 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
     ]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + timeout_s
     for proc in procs:
-        proc.join(timeout_s)
+        proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.kill()
