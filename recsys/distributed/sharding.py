@@ -234,37 +234,52 @@ class Planner:
         return [device.storage for device in reserved.devices]
 
     def explain_failure(self) -> str:
-        """Names the tables no single rank can hold even when split, or else the total shortfall."""
-        tier = "hbm" if self.topology.compute_device == "cuda" else "ddr"
+        """Names the tables no single rank can hold even when split, or else the tier that is short overall.
+
+        On CUDA both tiers count: UVM kernels trade device memory (HBM) for host memory (DDR).
+        """
+        tiers = ("hbm", "ddr") if self.topology.compute_device == "cuda" else ("ddr",)
         usable = self.usable_per_rank()
-        per_rank = max(getattr(s, tier) for s in usable)
-        total = sum(getattr(s, tier) for s in usable)
-        smallest_shard: dict[str, tuple[int, ShardingOption]] = {}
-        smallest_total: dict[str, int] = {}
+        per_rank = {t: max(getattr(s, t) for s in usable) for t in tiers}
+        total = {t: sum(getattr(s, t) for s in usable) for t in tiers}
+
+        def largest_shard(option: ShardingOption, tier: str) -> int:
+            return max(getattr(shard.storage, tier) for shard in option.shards)
+
+        def load(option: ShardingOption) -> float:  # > 1: some shard exceeds one rank in some tier
+            return max(largest_shard(option, t) / max(per_rank[t], 1) for t in tiers)
+
+        best: dict[str, ShardingOption] = {}
+        smallest_total = {t: dict[str, int]() for t in tiers}
         for option in self._enumerator().enumerate(self.model, make_sharders()):
-            largest = max(getattr(shard.storage, tier) for shard in option.shards)
-            summed = sum(getattr(shard.storage, tier) for shard in option.shards)
-            if option.name not in smallest_shard or largest < smallest_shard[option.name][0]:
-                smallest_shard[option.name] = (largest, option)
-            smallest_total[option.name] = min(summed, smallest_total.get(option.name, summed))
-        where = f"{self.topology.world_size} rank(s) with {gb(per_rank)} usable {tier.upper()} each"
-        too_big = sorted((v for v in smallest_shard.values() if v[0] > per_rank), key=lambda v: -v[0])
+            if option.name not in best or load(option) < load(best[option.name]):
+                best[option.name] = option
+            for t in tiers:
+                summed = sum(getattr(shard.storage, t) for shard in option.shards)
+                smallest_total[t][option.name] = min(summed, smallest_total[t].get(option.name, summed))
+        where = f"{self.topology.world_size} rank(s) with " + " and ".join(
+            f"{gb(per_rank[t])} usable {t.upper()}" for t in tiers
+        ) + " each"
+        too_big = sorted((o for o in best.values() if load(o) > 1), key=load, reverse=True)
         if too_big:
             lines = [
-                f"  {o.name} ({o.tensor.shape[0]:,} x {o.tensor.shape[1]}): needs {gb(need)} on one rank even "
-                f"as {o.sharding_type} in {len(o.shards)} shard(s)"
-                for need, o in too_big
+                f"  {o.name} ({o.tensor.shape[0]:,} x {o.tensor.shape[1]}): needs "
+                + " + ".join(f"{gb(largest_shard(o, t))} {t.upper()}" for t in tiers)
+                + f" on one rank even as {o.sharding_type}/{o.compute_kernel} in {len(o.shards)} shard(s)"
+                for o in too_big
             ]
             return "\n".join([f"these tables cannot fit on {where}:", *lines, _hint(self.topology)])
-        needed = sum(smallest_total.values())
-        biggest = sorted(smallest_total.items(), key=lambda kv: -kv[1])[:5]
-        return "\n".join(
-            [
-                f"the tables need at least {gb(needed)} of {tier.upper()} in total but {where} give {gb(total)}; "
-                "largest: " + ", ".join(f"{name} {gb(size)}" for name, size in biggest),
-                _hint(self.topology),
-            ]
-        )
+        short = [t for t in tiers if sum(smallest_total[t].values()) > total[t]]
+        if not short:
+            return f"the planner found no placement of the tables on {where}\n{_hint(self.topology)}"
+        lines = []
+        for t in short:
+            biggest = sorted(smallest_total[t].items(), key=lambda kv: -kv[1])[:5]
+            lines.append(
+                f"the tables need at least {gb(sum(smallest_total[t].values()))} of {t.upper()} in total but "
+                f"{where} give {gb(total[t])}; largest: " + ", ".join(f"{n} {gb(v)}" for n, v in biggest)
+            )
+        return "\n".join([*lines, _hint(self.topology)])
 
 
 # Planner log lines that do not apply to recsys: data-parallel tables have no sharding spec by design, and
