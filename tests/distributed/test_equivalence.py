@@ -1,8 +1,8 @@
 """N-process sharded training equals single-process training: losses, tables, eval metrics, resume.
 
 One global batch sequence (48 samples per step) is trained for 6 steps by 1 process, and by 2 and 4
-gloo processes (batch 24 and 12 per rank) with every table table-wise, row-wise, column-wise or
-data-parallel. A 2-process run checkpointed at step 3 is resumed on 1 and on 4 processes.
+gloo processes (batch 24 and 12 per rank) with every table table-wise, row-wise, column-wise,
+data-parallel or table-row-wise. A 2-process run checkpointed at step 3 is resumed on 1 and on 4 processes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from recsys.distributed.local import run_local
 from tests.distributed.conftest import tiny_config, train_losses
 from tests.distributed.workers import train_each
 
-SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "data_parallel"]
+SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"]
 GLOBAL_BATCH = 48
 STEPS = 6
 RESUME_AT = 3
@@ -36,6 +36,8 @@ def runs(tiny_criteo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
     def config(name: str, world_size: int, steps: int = STEPS, types: list[str] | None = None) -> dict:
         extra = {"sharding": {"sharding_types": types}} if types else {}
+        if types == ["column_wise"]:  # 4-column shards: the planner would keep all 16 columns in one
+            extra["sharding"]["tables"] = {f"C{i}": {"sharding_types": types, "min_partition": 4} for i in range(1, 27)}
         return tiny_config(tiny_criteo, root / name, GLOBAL_BATCH // world_size, steps, **extra)
 
     launch(2, {
@@ -60,6 +62,11 @@ def test_same_model_as_one_process(runs: dict, world_size: int, sharding_type: s
     reference_dir, reference = runs["w1"]
     run_dir, result = runs[f"w{world_size}_{sharding_type}"]
     assert "error" not in result, result
+
+    # the plan really splits the tables as asked (t_C1's shards: one line per shard in plan.txt)
+    shards = [line for line in (run_dir / "plan.txt").read_text().splitlines() if line.startswith("t_C1 ") and "rank:" in line]
+    expected_shards = {"table_wise": 1, "row_wise": world_size, "table_row_wise": world_size, "column_wise": 4}
+    assert len(shards) == expected_shards.get(sharding_type, 0), shards
 
     reference_losses, losses = train_losses(reference_dir), train_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
