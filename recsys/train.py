@@ -177,7 +177,7 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
     if resume_from:
-        progress = load_checkpoint(resume_from, dmp, optimizer, global_batch)
+        progress = {**load_checkpoint(resume_from, dmp, optimizer, global_batch), "global_batch_size": global_batch}
 
     logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)

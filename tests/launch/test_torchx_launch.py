@@ -99,11 +99,6 @@ def test_lost_worker_restarts_group_from_checkpoint_without_changing_the_result(
         assert final(records, stage) == pytest.approx(final(uninterrupted, stage), rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="1-vs-N equivalence (placement-independent table init, sparse-gradient scaling) is issue 4; "
-    "remove this marker when it is merged",
-)
 def test_multi_process_launch_matches_single_process(
     one_node_two_procs: tuple[Path, str], single: tuple[Path, str]
 ) -> None:
