@@ -61,7 +61,7 @@ def test_cap_below_one_table_splits_it(tiny_criteo: Path, tmp_path: Path) -> Non
 
 def test_cap_too_small_for_the_model_names_the_table(tiny_criteo: Path, tmp_path: Path) -> None:
     config = config_from_dict(capped(tiny_criteo, tmp_path, 0.01))
-    with pytest.raises(PlanError, match=r"t_C1 \(400,000 x 16\): needs [0-9.]+ GiB on one rank"):
+    with pytest.raises(PlanError, match=r"t_C1 \(400,000 x 16\): needs [0-9.]+ GiB DDR on one rank"):
         dry_run(config, world_size=2, local_world_size=2, compute_device="cpu")
 
 
