@@ -14,6 +14,7 @@ import torchrec.optim as trec_optim
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -135,9 +136,24 @@ def make_topology(config: Config, world_size: int, local_world_size: int, device
     )
 
 
-def make_constraints(config: Config, tables: list[EmbeddingBagConfig]) -> dict[str, ParameterConstraints]:
+# Placements tried first on CPU for tables the config leaves open: row-wise splits are kept as the fallback
+# for tables that fit no single rank. TorchRec's cost model rates row-wise cheapest, but on CPU ranks its
+# bucketized input distribution and extra reduce-scatter cost more than they save, and on one rank they
+# buy nothing at all.
+CPU_FIRST_CHOICE = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+    ShardingType.DATA_PARALLEL.value,
+]
+
+
+def make_constraints(
+    config: Config, tables: list[EmbeddingBagConfig], open_tables_types: list[str] | None = None
+) -> dict[str, ParameterConstraints]:
     """Per-table ``ParameterConstraints``: a table's own entry in ``sharding.tables`` (by table or feature
-    name), else the global ``sharding.sharding_types`` / ``compute_kernels``."""
+    name), else the global ``sharding.sharding_types`` / ``compute_kernels``; tables with no sharding types
+    configured get ``open_tables_types`` when given."""
     sharding = config.sharding
     default = TableShardingConfig(sharding.sharding_types, sharding.compute_kernels)
     constraints = {}
@@ -145,10 +161,11 @@ def make_constraints(config: Config, tables: list[EmbeddingBagConfig]) -> dict[s
         entry = sharding.tables.get(table.name) or next(
             (sharding.tables[f] for f in table.feature_names if f in sharding.tables), default
         )
-        if entry == TableShardingConfig():
+        sharding_types = entry.sharding_types or open_tables_types
+        if entry == TableShardingConfig() and not sharding_types:
             continue
         constraints[table.name] = ParameterConstraints(
-            sharding_types=entry.sharding_types or None,
+            sharding_types=sharding_types or None,
             compute_kernels=entry.compute_kernels or None,
             min_partition=entry.min_partition or None,
             cache_params=CacheParams(load_factor=entry.cache_load_factor) if entry.cache_load_factor else None,
@@ -211,15 +228,32 @@ class Planner:
         )
 
     def plan(self, group: dist.ProcessGroup | None = None) -> ShardingPlan:
-        """Plans locally (``group=None``, a dry run) or on rank 0 of ``group`` and broadcasts the plan."""
-        planner = self.planner()
+        """Plans locally (``group=None``, a dry run) or on rank 0 of ``group`` and broadcasts the plan, or
+        the reason there is none, so that every rank raises the same PlanError rather than hanging."""
+        if group is None:
+            result = self._plan_or_explain()
+        else:
+            result = invoke_on_rank_and_broadcast_result(group, 0, self._plan_or_explain)
+        if isinstance(result, str):
+            raise PlanError(result)
+        return result
+
+    def _plan_or_explain(self) -> ShardingPlan | str:
+        if self.topology.compute_device == "cpu":
+            full = self.constraints
+            self.constraints = make_constraints(self.config, embedding_bag_configs(self.model), CPU_FIRST_CHOICE)
+            try:
+                return self._plan()
+            except PlannerError:
+                self.constraints = full  # some table fits no rank whole: allow row-wise splits
         try:
-            with _quiet_planner_logs():
-                if group is None:
-                    return planner.plan(self.model, make_sharders())
-                return planner.collective_plan(self.model, make_sharders(), group)
+            return self._plan()
         except PlannerError:
-            raise PlanError(self.explain_failure()) from None
+            return self.explain_failure()
+
+    def _plan(self) -> ShardingPlan:
+        with _quiet_planner_logs():
+            return self.planner().plan(self.model, make_sharders())
 
     def usable_per_rank(self) -> list[Storage]:
         """Each rank's capacity less the planner's reservation (dense model, batches, margin)."""
