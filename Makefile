@@ -13,6 +13,8 @@ $(VENV)/.recsys-installed: pyproject.toml tools/install.sh
 
 demo: install
 	$(BIN)/recsys generate --rows 1000000 --out data/synthetic
+	$(BIN)/python tools/preprocess_criteo.py --split files --out data/synthetic/shards \
+		train=data/synthetic/train.tsv val=data/synthetic/val.tsv test=data/synthetic/test.tsv
 # Training: two nodes x one process on this machine, launched as on a cluster (torchx -> torchrun -> workers);
 # 2048 rows per process keep the config's global batch of 4096.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/torchx run -s local_cwd launch/components.py:train \

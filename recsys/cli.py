@@ -1,4 +1,4 @@
-"""The ``recsys`` command: generate data, train, evaluate, export."""
+"""The ``recsys`` command: generate data, preprocess logs into shards, train, evaluate, export."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ def _generate(args: argparse.Namespace) -> int:
     for split, values in oracle.items():
         print(f"  {split}: rows={values['rows']:,} ctr={values['ctr']:.4f} best achievable auc={values['auc']:.4f} logloss={values['logloss']:.4f}")
     return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from recsys.data.preprocess import main_from_args
+
+    return main_from_args(args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -43,10 +49,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from recsys.config import load_config
+    from recsys.data.shards import dataset_config
     from recsys.export import export_model
     from recsys.train import table_sizes
 
-    config = load_config(args.config, args.overrides)
+    config = dataset_config(load_config(args.config, args.overrides))
     path = export_model(config, table_sizes(config), args.out or f"{config.training.run_dir}/export")
     print(f"exported {path} (TorchScript: (dense, KeyedJaggedTensor) -> click probability)")
     return 0
@@ -82,6 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="data/synthetic", help="output folder")
     gen.add_argument("--seed", type=int, default=0, help="seed of the planted model and the draws")
     gen.set_defaults(func=_generate)
+
+    from recsys.data.preprocess import add_arguments
+
+    pre = sub.add_parser(
+        "preprocess",
+        help="turn raw click logs (Criteo TSV, .gz, schema-described CSV) into memory-mapped shards",
+        description="Parses, checks, transforms and splits raw logs on all cores in bounded memory and writes "
+        "OUT/<split>/part-*/ shards plus OUT/metadata.json (table sizes that training reads). Re-running "
+        "reuses finished work. Example: recsys preprocess --split files --out data/shards "
+        "train=train.tsv val=val.tsv test=test.tsv",
+    )
+    add_arguments(pre)
+    pre.set_defaults(func=_preprocess)
 
     overrides_help = "section.key=value overrides, e.g. training.epochs=2 model.deep_layers=[64,32]"
     tr = sub.add_parser(

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from recsys.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from recsys.config import Config
-from recsys.data.criteo import ArrayData, iterate_batches, load_criteo_tsv, num_batches
+from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
+from recsys.data.shards import ShardedSplit, dataset_config, is_shard_split, split_batches
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
 from recsys.distributed.sharding import build_optimizer, shard_model
@@ -48,13 +49,16 @@ def table_sizes(config: Config) -> list[int]:
 
 @dataclass
 class Splits:
-    train: ArrayData
-    val: ArrayData
-    test: ArrayData | None
+    train: ArrayData | ShardedSplit
+    val: ArrayData | ShardedSplit
+    test: ArrayData | ShardedSplit | None
 
 
 def load_splits(config: Config) -> Splits:
+    """Shard folders from ``recsys preprocess`` are memory-mapped; TSV files are parsed into memory."""
     data = config.data
+    if is_shard_split(data.train):
+        return Splits(ShardedSplit(data.train), ShardedSplit(data.val), ShardedSplit(data.test) if data.test else None)
     sizes = table_sizes(config)
 
     def load(path: str) -> ArrayData:
@@ -123,6 +127,7 @@ class Job:
 
 
 def build_job(config: Config) -> Job:
+    config = dataset_config(config)
     env = init_distributed(config.sharding.compute_device)
     seed_everything(config.training.seed)
     splits = load_splits(config)
@@ -132,13 +137,15 @@ def build_job(config: Config) -> Job:
     return Job(env, splits, dmp, build_optimizer(dmp, config))
 
 
-def eval_batches(config: Config, env: DistEnv, split: ArrayData) -> Iterator[Batch]:
+def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return iterate_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size)
+    return split_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size,
+                         data.prefetch_batches)
 
 
 def evaluate_checkpoint(config: Config, split: str = "test") -> dict[str, float]:
     """Metrics of the latest checkpoint in ``training.run_dir`` on the val or test split."""
+    config = dataset_config(config)
     job = build_job(config)
     path = latest_checkpoint(config.training.run_dir)
     if path is None:
@@ -160,6 +167,7 @@ def train(config: Config) -> dict[str, dict[str, float]]:
 
 
 def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
+    config = dataset_config(config)
     job = build_job(config)
     env, splits, dmp, optimizer = job.env, job.splits, job.model, job.optimizer
     cfg_data, cfg_train = config.data, config.training
@@ -183,7 +191,7 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
     keys = cfg_data.sparse_features
 
-    def run_eval(stage: str, split: ArrayData) -> dict[str, float]:
+    def run_eval(stage: str, split: ArrayData | ShardedSplit) -> dict[str, float]:
         # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
         # its next progress() call.
         result = evaluate(pipeline.detach(), eval_batches(config, env, split), env.device)
@@ -199,8 +207,8 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     val_metrics: dict[str, float] = {}
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps:
-        batches = iterate_batches(
-            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size,
+        batches = split_batches(
+            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size, cfg_data.prefetch_batches,
             shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
             drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
         )  # fmt: skip

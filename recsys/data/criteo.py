@@ -64,15 +64,48 @@ def load_criteo_tsv(
 
 def one_hot_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, keys: list[str]) -> Batch:
     """A Batch from one-hot rows: dense [B, F_d], sparse ids [B, F_s], labels [B]."""
-    batch_size, num_sparse = sparse.shape
-    values = torch.from_numpy(np.ascontiguousarray(sparse.T)).reshape(-1)
+    return make_batch(dense, labels, keys, sparse)
+
+
+def make_batch(
+    dense: np.ndarray,
+    labels: np.ndarray,
+    keys: list[str],
+    one_hot: np.ndarray,
+    multi_hot: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> Batch:
+    """A Batch from rows: dense [B, F_d], labels [B], ``one_hot`` ids [B, F_1] of the keys not in
+    ``multi_hot``, in key order; ``multi_hot`` maps a key to (values [L], lengths [B]).
+
+    The KJT is key-major: for each key in ``keys``, the B rows' values; ids become int64.
+    """
+    batch_size = len(labels)
+    if not multi_hot:
+        values = torch.from_numpy(np.ascontiguousarray(one_hot.T, dtype=np.int64)).reshape(-1)
+        lengths = torch.ones(batch_size * len(keys), dtype=torch.int32)
+    else:
+        value_parts, length_parts, column = [], [], 0
+        for key in keys:
+            if key in multi_hot:
+                ids, counts = multi_hot[key]
+            else:
+                ids, counts = one_hot[:, column], np.ones(batch_size, dtype=np.int32)
+                column += 1
+            value_parts.append(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
+            length_parts.append(torch.from_numpy(np.asarray(counts, dtype=np.int32)))
+        values, lengths = torch.cat(value_parts), torch.cat(length_parts)
     return Batch(
-        dense_features=torch.from_numpy(dense),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=values, lengths=torch.ones(batch_size * num_sparse, dtype=torch.int32)
-        ),
-        labels=torch.from_numpy(labels),
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
+        labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
     )
+
+
+def rank_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s slice [lo, hi) of a global batch of ``rows`` rows (``np.array_split``'s split)."""
+    base, extra = divmod(rows, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
 
 
 def iterate_batches(
@@ -99,10 +132,12 @@ def iterate_batches(
     steps = n // global_batch if drop_last else -(-n // global_batch)
     for step in range(start_batch, steps):
         rows = order[step * global_batch : (step + 1) * global_batch]
-        local = np.array_split(rows, world_size)[rank]
+        lo, hi = rank_bounds(len(rows), rank, world_size)
+        local = rows[lo:hi]
         yield one_hot_batch(data.dense[local], data.sparse[local], data.labels[local], keys)
 
 
 def num_batches(rows: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    """Global batches per epoch: the same on every rank, so collectives never wait on a finished rank."""
     global_batch = batch_size * world_size
     return rows // global_batch if drop_last else -(-rows // global_batch)

@@ -1,0 +1,283 @@
+"""Memory-mapped shards written by ``recsys preprocess`` -> TorchRec ``Batch`` es.
+
+A split folder (``OUT/train``) holds ``part-NNNNN/`` shards; ``OUT/metadata.json`` describes them. Arrays are
+opened with ``np.load(mmap_mode="r")``: nothing is read until a batch gathers its rows, so a split of any
+size opens instantly and the page cache, not the process, holds the data.
+
+Batch order follows ``recsys.data.criteo.iterate_batches``: the epoch is a permutation of the split's rows,
+global batch ``s`` is its positions ``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice
+(``criteo.rank_bounds``), so W ranks together see exactly what one process with batch B*W sees, and every
+rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
+permuted within each shard), which keeps memory at one shard's index instead of one per row of the split;
+preprocessing with ``shuffle`` mixes rows across shards beforehand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torchrec.datasets.utils import Batch
+
+from recsys.config import Config, ConfigError, validate
+from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
+from recsys.data.preprocess import gather_ranges
+
+
+class ShardError(ValueError):
+    """A folder that is not a complete, consistent preprocessed split."""
+
+
+def is_shard_split(path: str | Path) -> bool:
+    """True for a split folder of a preprocessed dataset (its parent holds ``metadata.json``)."""
+    path = Path(path)
+    return path.is_dir() and (path.parent / "metadata.json").is_file()
+
+
+class _Shard:
+    """One ``part-NNNNN`` folder, memory-mapped."""
+
+    def __init__(self, path: Path, rows: int, multi_hot: list[str]) -> None:
+        try:
+            self.labels = np.load(path / "labels.npy", mmap_mode="r")
+            self.dense = np.load(path / "dense.npy", mmap_mode="r")
+            self.sparse = np.load(path / "sparse.npy", mmap_mode="r")
+            self.multi = {
+                name: (np.load(path / f"{name}.values.npy", mmap_mode="r"),
+                       np.load(path / f"{name}.lengths.npy", mmap_mode="r"))
+                for name in multi_hot
+            }  # fmt: skip
+        except FileNotFoundError as e:
+            raise ShardError(f"{path}: incomplete shard ({e.filename} missing); re-run recsys preprocess") from None
+        sizes = {len(self.labels), len(self.dense), len(self.sparse), *(len(v[1]) for v in self.multi.values())}
+        if sizes != {rows}:
+            raise ShardError(f"{path}: arrays hold {sorted(sizes)} rows, metadata says {rows}")
+        self.offsets: dict[str, np.ndarray] = {}
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        multi = {}
+        for name, (values, lengths) in self.multi.items():
+            if name not in self.offsets:  # [rows + 1] int64, built on first use
+                self.offsets[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            counts = np.asarray(lengths[rows])
+            multi[name] = (np.asarray(values[gather_ranges(self.offsets[name][rows], counts)]), counts)
+        return self.labels[rows], self.dense[rows], self.sparse[rows], multi
+
+
+class ShardedSplit:
+    """One split of a preprocessed dataset.
+
+    Attributes: ``dense_features``, ``sparse_features``, ``multi_hot`` (names), ``table_sizes`` (rows per
+    sparse feature, from the vocabularies or hash buckets), ``metadata`` (the whole ``metadata.json``).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        meta_path = path.parent / "metadata.json"
+        if not path.is_dir():
+            raise ShardError(f"{path}: no such split folder")
+        if not meta_path.is_file():
+            raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
+        self.metadata = json.loads(meta_path.read_text())
+        self.name = path.name
+        if self.name not in self.metadata["splits"]:
+            raise ShardError(f"{path}: {meta_path} has splits {list(self.metadata['splits'])}, not {self.name!r}")
+        features = self.metadata["features"]
+        self.dense_features: list[str] = features["dense"]
+        self.sparse_features: list[str] = features["sparse"]
+        self.multi_hot: list[str] = features["multi_hot"]
+        self.table_sizes = [int(self.metadata["table_sizes"][f]) for f in self.sparse_features]
+        info = self.metadata["splits"][self.name]
+        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot) for s in info["shards"]]
+        self.sizes = np.array([s["rows"] for s in info["shards"]], dtype=np.int64)
+        self.rows = int(self.sizes.sum())
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _epoch_pieces(self, shuffle: bool, seed: int, epoch: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(shard, local rows) runs of the epoch's permutation, from position ``skip`` on."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.shards)) if shuffle else range(len(self.shards))
+        for k in order:
+            n = int(self.sizes[k])
+            if skip >= n:  # a resumed epoch skips whole shards without drawing their permutation
+                skip -= n
+                continue
+            rows = np.random.default_rng([seed, epoch, int(k)]).permutation(n) if shuffle else np.arange(n)
+            yield int(k), rows[skip:]
+            skip = 0
+
+    def _local_batches(
+        self, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int,
+        drop_last: bool, start_batch: int,
+    ) -> Iterator[Batch]:  # fmt: skip
+        global_batch = batch_size * world_size
+        steps = num_batches(self.rows, batch_size, world_size, drop_last)
+        pieces = self._epoch_pieces(shuffle, seed, epoch, start_batch * global_batch)
+        pending: list[tuple[int, np.ndarray]] = []
+        for step in range(start_batch, steps):
+            size = min(global_batch, self.rows - step * global_batch)
+            have = sum(len(rows) for _, rows in pending)
+            while have < size:
+                pending.append(next(pieces))
+                have += len(pending[-1][1])
+            lo, hi = rank_bounds(size, rank, world_size)
+            yield self._gather(_take_span(pending, lo, hi))
+            pending = _drop_front(pending, size)
+
+    def _gather(self, segments: list[tuple[int, np.ndarray]]) -> Batch:
+        parts = [self.shards[k].gather(rows) for k, rows in segments]
+        if not parts:
+            empty = self.shards[0].gather(np.zeros(0, dtype=np.int64))
+            parts = [empty]
+        labels = np.concatenate([p[0] for p in parts])
+        dense = np.concatenate([p[1] for p in parts])
+        sparse = np.concatenate([p[2] for p in parts])
+        multi = {
+            name: (np.concatenate([p[3][name][0] for p in parts]), np.concatenate([p[3][name][1] for p in parts]))
+            for name in self.multi_hot
+        }
+        # sparse.npy holds the one-hot features' columns in key order, which is what make_batch expects.
+        return make_batch(dense, labels, self.sparse_features, sparse, multi)
+
+    def batches(
+        self,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        drop_last: bool = False,
+        start_batch: int = 0,
+        prefetch: int = 2,
+    ) -> Iterator[Batch]:
+        """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
+        background thread (pinned when CUDA is available)."""
+        batches = self._local_batches(batch_size, rank, world_size, shuffle, seed, epoch, drop_last, start_batch)
+        return prefetched(batches, prefetch) if prefetch > 0 else batches
+
+
+def _take_span(pending: list[tuple[int, np.ndarray]], lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
+    """Positions [lo, hi) of the concatenated runs, as runs."""
+    out, start = [], 0
+    for k, rows in pending:
+        end = start + len(rows)
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            out.append((k, rows[a - start : b - start]))
+        start = end
+    return out
+
+
+def _drop_front(pending: list[tuple[int, np.ndarray]], count: int) -> list[tuple[int, np.ndarray]]:
+    out = []
+    for k, rows in pending:
+        if count >= len(rows):
+            count -= len(rows)
+            continue
+        out.append((k, rows[count:]))
+        count = 0
+    return out
+
+
+_DONE = object()
+
+
+def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Builds up to ``depth`` batches ahead in a daemon thread (numpy gathers and torch copies release the
+    GIL); stops the thread when the consumer stops early."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    pin = torch.cuda.is_available()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch.pin_memory() if pin else batch):
+                    return
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="shard-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def dataset_config(config: Config) -> Config:
+    """The config with features and table sizes taken from the shards' metadata when ``data.train`` is a
+    preprocessed split folder (``model.num_embeddings`` is then ignored); otherwise ``config`` itself.
+
+    Raises ConfigError when shard folders and TSV files are mixed or the splits come from different
+    preprocessing runs.
+    """
+    data = config.data
+    paths = {key: getattr(data, key) for key in ("train", "val", "test") if getattr(data, key)}
+    sharded = {key for key, path in paths.items() if is_shard_split(path)}
+    if not sharded:
+        for key, path in paths.items():
+            if Path(path).is_dir():
+                raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json "
+                                  "in its parent); run `recsys preprocess` or point it at a TSV file")
+        return config
+    if sharded != set(paths):
+        raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
+                          "not: use the splits of one `recsys preprocess` output")
+    metadata = {key: json.loads((Path(path).parent / "metadata.json").read_text()) for key, path in paths.items()}
+    if len({m["fingerprint"] for m in metadata.values()}) > 1:
+        raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
+    meta = metadata["train"]
+    for key, path in paths.items():
+        if Path(path).name not in meta["splits"]:
+            raise ConfigError(f"data.{key}={path}: the dataset has splits {list(meta['splits'])}")
+    features = meta["features"]
+    resolved = dataclasses.replace(
+        config,
+        data=dataclasses.replace(data, dense_features=list(features["dense"]),
+                                 sparse_features=list(features["sparse"])),
+        model=dataclasses.replace(config.model,
+                                  num_embeddings=[int(meta["table_sizes"][f]) for f in features["sparse"]]),
+    )  # fmt: skip
+    validate(resolved)
+    return resolved
+
+
+def split_batches(
+    split: ShardedSplit | ArrayData,
+    keys: list[str],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    prefetch: int = 0,
+    **order: Any,
+) -> Iterator[Batch]:
+    """Batches of either kind of split with the same semantics (``order``: shuffle, seed, epoch, drop_last,
+    start_batch)."""
+    if isinstance(split, ShardedSplit):
+        return split.batches(batch_size, rank, world_size, prefetch=prefetch, **order)
+    return iterate_batches(split, keys, batch_size, rank, world_size, **order)

@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Benchmarks: the preprocessing tool vs TorchRec's ``BinaryCriteoUtils.tsv_to_npys``, and the shard loader
+vs training. Prints one JSON object per measurement.
+
+    python tools/bench_preprocess.py preprocess --rows 1000000      # tool (hash and vocab) vs TorchRec
+    python tools/bench_preprocess.py loader --shards data/synthetic/shards --config configs/synthetic.yaml
+
+Each side of the preprocessing comparison runs in its own subprocess on the same generated file; while it
+runs, its process tree (the tool's worker processes included) is sampled every 20 ms from /proc: ``peak_rss``
+sums RSS over the tree (pages shared by forked workers count once per process, so this overstates), and
+``peak_pss`` sums PSS (shared pages split between their users: the tree's real footprint). The tool runs as users run
+it (``tools/preprocess_criteo.py``). ``rows_per_s`` divides by the work's own time (the tool's
+``metadata.json`` seconds; for TorchRec the call), interpreter start and imports excluded;
+``wall_rows_per_s`` by the subprocess's whole life. Run benchmarks alone: ``flock /tmp/bench.lock ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generate(path: Path, rows: int) -> None:
+    """One Criteo-format TSV of ``rows`` generated rows (cached: reused when it exists)."""
+    if path.exists():
+        return
+    from recsys.data.synthetic import generate_splits
+
+    generate_splits(path.parent, rows, splits={path.stem: 1.0})
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo += [int(c) for c in fh.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of one process, 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            fields = {key: value for key, _, value in (line.partition(":") for line in fh)}
+        return int(fields["Rss"].split()[0]) * 1024, int(fields["Pss"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def measure(cmd: list[str]) -> dict:
+    """Runs ``cmd``; returns its JSON output line merged with wall time and peak tree RSS / PSS."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    peak = {"rss": 0, "pss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            totals = [_memory(p) for p in _tree(proc.pid)]
+            peak["rss"] = max(peak["rss"], sum(t[0] for t in totals))
+            peak["pss"] = max(peak["pss"], sum(t[1] for t in totals))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"{cmd} failed with status {proc.returncode}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    return {**result, "wall_s": round(time.perf_counter() - started, 2),
+            "peak_rss_mib": round(peak["rss"] / 2**20), "peak_pss_mib": round(peak["pss"] / 2**20)}
+
+
+TOOL = """
+import json, subprocess, sys, time
+path, out, mode, workers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+subprocess.run([sys.executable, "tools/preprocess_criteo.py", "--out", out, "--split", "files", "--sparse-mode",
+                mode, "--workers", workers, "--no-progress", f"train={path}"], check=True, stdout=subprocess.DEVNULL)
+meta = json.load(open(f"{out}/metadata.json"))
+print(json.dumps({"seconds": meta["seconds"], "rows": meta["splits"]["train"]["rows"], "workers": meta["workers"],
+                  "phase_seconds": meta["phase_seconds"]}))
+"""
+
+TORCHREC = """
+import json, os, sys, time
+from torchrec.datasets.criteo import BinaryCriteoUtils
+path, out = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+BinaryCriteoUtils.tsv_to_npys(path, f"{out}/dense.npy", f"{out}/sparse.npy", f"{out}/labels.npy")
+import numpy as np
+rows = len(np.load(f"{out}/labels.npy", mmap_mode="r"))
+print(json.dumps({"seconds": time.perf_counter() - t, "rows": rows}))
+"""
+
+
+def bench_preprocess(args: argparse.Namespace) -> None:
+    path = Path(args.data) / f"bench_{args.rows}.tsv"
+    generate(path, args.rows)
+    results = {}
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for mode in args.modes:
+            out = f"{tmp}/tool_{mode}"
+            results[f"tool_{mode}"] = measure([sys.executable, "-c", TOOL, str(path), out, mode, str(args.workers)])
+            print(json.dumps({"bench": f"tool_{mode}", **results[f"tool_{mode}"]}), flush=True)
+        if not args.skip_torchrec:
+            os.makedirs(f"{tmp}/torchrec")
+            results["torchrec"] = measure([sys.executable, "-c", TORCHREC, str(path), f"{tmp}/torchrec"])
+            print(json.dumps({"bench": "torchrec_tsv_to_npys", **results["torchrec"]}), flush=True)
+    summary = {"bench": "preprocess_summary", "rows": args.rows, "cpus": os.cpu_count()}
+    for name, r in results.items():
+        summary[f"{name}_rows_per_s"] = round(r["rows"] / r["seconds"])
+        summary[f"{name}_wall_rows_per_s"] = round(r["rows"] / r["wall_s"])
+        summary[f"{name}_peak_rss_mib"] = r["peak_rss_mib"]
+        summary[f"{name}_peak_pss_mib"] = r["peak_pss_mib"]
+    if "torchrec" in results:
+        base = results["torchrec"]
+        for mode in args.modes:
+            r = results[f"tool_{mode}"]
+            summary[f"speedup_{mode}"] = round(base["seconds"] / r["seconds"], 1)
+            summary[f"speedup_{mode}_wall"] = round(base["wall_s"] / r["wall_s"], 1)
+            summary[f"peak_pss_ratio_{mode}"] = round(r["peak_pss_mib"] / base["peak_pss_mib"], 2)
+    print(json.dumps(summary), flush=True)
+
+
+def bench_loader(args: argparse.Namespace) -> None:
+    """Loader-only batches/s over the train split vs training steps/s of the same config."""
+    from recsys.config import load_config
+    from recsys.data.shards import ShardedSplit
+
+    config = load_config(args.config, [f"data.{s}={args.shards}/{s}" for s in ("train", "val", "test")])
+    split = ShardedSplit(f"{args.shards}/train")
+    batch_size = config.data.batch_size
+    for prefetch in (0, config.data.prefetch_batches):
+        for epoch in (0, 1):  # epoch 0 may read from disk, epoch 1 from the page cache
+            started, count = time.perf_counter(), 0
+            for _ in split.batches(batch_size, shuffle=True, seed=0, epoch=epoch, prefetch=prefetch):
+                count += 1
+                if count == args.loader_batches:
+                    break
+            rate = count / (time.perf_counter() - started)
+            print(json.dumps({"bench": "loader", "prefetch": prefetch, "epoch": epoch, "batch_size": batch_size,
+                              "batches": count, "batches_per_s": round(rate, 1)}), flush=True)
+    with tempfile.TemporaryDirectory(dir=args.tmp) as run_dir:
+        overrides = [f"data.{s}={args.shards}/{s}" for s in ("train", "val", "test")] + [
+            f"training.run_dir={run_dir}", f"training.max_steps={args.train_steps}",
+            "logging.progress_bar=false", "logging.tensorboard=false", "logging.log_every_steps=20",
+        ]  # fmt: skip
+        subprocess.run([sys.executable, "-m", "recsys.cli", "train", args.config, *overrides], check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+        logs = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+        rates = [r["samples_per_s"] for r in logs if r["stage"] == "train"][1:]  # first window: warm-up
+    steps = sum(rates) / len(rates) / batch_size
+    print(json.dumps({"bench": "train", "batch_size": batch_size, "steps_per_s": round(steps, 2),
+                      "windows": len(rates)}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    pre = sub.add_parser("preprocess", help="the tool vs BinaryCriteoUtils.tsv_to_npys")
+    pre.add_argument("--rows", type=int, default=1_000_000)
+    pre.add_argument("--data", default="data/bench", help="where the generated input is cached")
+    pre.add_argument("--tmp", default=None, help="scratch folder for outputs")
+    pre.add_argument("--workers", type=int, default=0)
+    pre.add_argument("--modes", nargs="+", default=["hash", "vocab"], choices=["hash", "vocab"])
+    pre.add_argument("--skip-torchrec", action="store_true")
+    pre.set_defaults(func=bench_preprocess)
+    load = sub.add_parser("loader", help="loader batches/s vs training steps/s")
+    load.add_argument("--shards", required=True, help="a `recsys preprocess` output folder")
+    load.add_argument("--config", default="configs/synthetic.yaml")
+    load.add_argument("--loader-batches", type=int, default=150)
+    load.add_argument("--train-steps", type=int, default=100)
+    load.add_argument("--tmp", default=None)
+    load.set_defaults(func=bench_loader)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
