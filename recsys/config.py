@@ -262,15 +262,20 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     return config
 
 
+def read_yaml(path: Path, what: str = "config file") -> Any:
+    """``yaml.safe_load`` of a file; a ConfigError naming it when it is missing or not YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Loads a YAML config and applies ``key.sub=value`` overrides; raises ConfigError on any mismatch."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    values = read_yaml(path) or {}
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:

@@ -12,9 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Union
 
-import yaml
-
-from recsys.config import ConfigError, _build
+from recsys.config import ConfigError, _build, read_yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "configs" / "schemas"
 
@@ -117,13 +115,10 @@ def load_schema(name_or_path: str | Path, overrides: dict | None = None) -> Sche
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
         path = SCHEMA_DIR / f"{name_or_path}.yaml"
-    try:
-        values = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
+    if not path.is_file():
         shipped = sorted(p.stem for p in SCHEMA_DIR.glob("*.yaml"))
-        raise ConfigError(f"schema not found: {name_or_path} (shipped schemas: {shipped})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"schema not found: {name_or_path} (shipped schemas: {shipped})")
+    values = read_yaml(path, "schema")
     try:
         return schema_from_dict(values, overrides)
     except ConfigError as e:

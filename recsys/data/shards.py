@@ -114,8 +114,8 @@ class ShardedSplit:
             skip = 0
 
     def _local_batches(
-        self, batch_size: int, rank: int, world_size: int, shuffle: bool, seed: int, epoch: int,
-        drop_last: bool, start_batch: int,
+        self, batch_size: int, rank: int, world_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+        drop_last: bool = False, start_batch: int = 0,
     ) -> Iterator[Batch]:  # fmt: skip
         global_batch = batch_size * world_size
         steps = num_batches(self.rows, batch_size, world_size, drop_last)
@@ -146,21 +146,11 @@ class ShardedSplit:
         # sparse.npy holds the one-hot features' columns in key order, which is what make_batch expects.
         return make_batch(dense, labels, self.sparse_features, sparse, multi)
 
-    def batches(
-        self,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        seed: int = 0,
-        epoch: int = 0,
-        drop_last: bool = False,
-        start_batch: int = 0,
-        prefetch: int = 2,
-    ) -> Iterator[Batch]:
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2, **order: Any) -> Iterator[Batch]:
         """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
-        background thread (pinned when CUDA is available)."""
-        batches = self._local_batches(batch_size, rank, world_size, shuffle, seed, epoch, drop_last, start_batch)
+        background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last and
+        start_batch, as in ``criteo.iterate_batches``."""
+        batches = self._local_batches(batch_size, rank, world_size, **order)
         return prefetched(batches, prefetch) if prefetch > 0 else batches
 
 
@@ -279,5 +269,5 @@ def split_batches(
     """Batches of either kind of split with the same semantics (``order``: shuffle, seed, epoch, drop_last,
     start_batch)."""
     if isinstance(split, ShardedSplit):
-        return split.batches(batch_size, rank, world_size, prefetch=prefetch, **order)
+        return split.batches(batch_size, rank, world_size, prefetch, **order)
     return iterate_batches(split, keys, batch_size, rank, world_size, **order)
