@@ -328,10 +328,6 @@ class Parsed:
     examples: list[BadRow]
 
 
-def _line_bounds(buf: np.ndarray) -> np.ndarray:
-    return np.flatnonzero(buf == 10)
-
-
 def _field_counts_ok(data: bytes, ends: np.ndarray, ncols: int, delimiter: int) -> np.ndarray:
     """[lines] bool: the line has exactly ``ncols`` fields. Fast path: one count, one reshape."""
     buf = np.frombuffer(data, dtype=np.uint8)
@@ -420,11 +416,9 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         clean = _parse_clean(data, source, schema)
         if clean is not None:
             return clean
-    buf = np.frombuffer(data, dtype=np.uint8)
-    ends = _line_bounds(buf)
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
     nlines = len(ends)
     errors = dict.fromkeys(ERROR_KINDS, 0)
-    examples: list[BadRow] = []
     bad_lines: list[tuple[int, BadRow]] = []
 
     def record(mask_lines: np.ndarray, kind: str, column: str, values: Iterable[str]) -> None:
@@ -498,13 +492,12 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         sparse[name] = tokens
 
     if strict and bad_lines:
-        line, bad = min(bad_lines, key=lambda item: item[0])
+        _, bad = min(bad_lines, key=lambda item: item[0])
         raise BadInput(chunk, bad)
     bad_lines.sort(key=lambda item: item[0])
     examples = [bad for _, bad in bad_lines[:MAX_EXAMPLES]]
     good = np.flatnonzero(~bad_any)
-    rows_total = frame.height
-    if len(good) < rows_total:
+    if len(good) < frame.height:
         idx = pl.Series(good)
         sparse = {name: tokens.gather(idx) for name, tokens in sparse.items()}
         dense = dense[good]
