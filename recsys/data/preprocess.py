@@ -10,15 +10,16 @@ Pipeline, per run (``OUT`` is the output folder):
 
 1. *Plan*: plain files are cut at newline boundaries every ``chunk_bytes``; ``.gz`` files are decompressed
    as a stream by the main process, which hands out chunks of whole lines.
-2. *Count* (vocab mode only): each chunk's train-split tokens are counted
-   (``OUT/.work/<fp>/counts/<chunk>.parquet``); the counts are merged into per-feature vocabularies
-   ``OUT/vocab/<feature>.parquet`` (id = 2 + row; 0 = missing, 1 = out of vocabulary).
-3. *Encode*: each chunk is parsed, checked, transformed (dense ``log1p(max(x, 0))``, sparse -> table row)
-   and split; its rows are written per split to ``OUT/.work/<fp>/parts/<chunk>/``, already permuted
-   when ``shuffle`` is on.
+2. *Parse*: each chunk is parsed, checked, transformed (dense ``log1p(max(x, 0))``; sparse tokens -> int64
+   keys, and in hash mode straight to table rows) and split; its rows are written per split to
+   ``OUT/.work/<fp>/parts/<chunk>/``, already permuted when ``shuffle`` is on. In vocab mode the chunk's
+   train-split token counts go along (``counts.parquet``).
+3. *Vocabulary* (vocab mode): the counts are merged into ``OUT/vocab/<feature>.parquet`` (token, count in
+   id order; id 0 = missing, 1 = out of vocabulary or rarer than ``min_count``, then by count).
 4. *Shard*: each split becomes shards of ``shard_rows`` rows ``OUT/<split>/part-NNNNN/`` (``labels.npy``
    int8 [N], ``dense.npy`` float32 [N, F_dense], ``sparse.npy`` int32 [N, F_one_hot], and per multi-hot
-   feature ``<f>.values.npy`` int32 / ``<f>.lengths.npy`` int32 [N]). A shard gathers a contiguous run of
+   feature ``<f>.values.npy`` int32 / ``<f>.lengths.npy`` int32 [N]); vocab mode maps keys to ids here.
+   A shard gathers a contiguous run of
    rows from every part. With ``shuffle``, how many rows each part gives each shard is drawn from a
    multivariate hypergeometric law, and rows are permuted within parts and shards: together a uniformly
    random global permutation, in memory of one shard.
@@ -560,8 +561,9 @@ def _load_result(path: Path) -> ChunkResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Encoding: a token becomes an int64 key when its chunk is parsed, and a table row when its shard is written
-# (the vocabulary is only known once every chunk has been parsed, and each chunk is parsed once).
+# Encoding: a token becomes an int64 key when its chunk is parsed, and a table row right away in hash mode;
+# in vocab mode when its shard is written (the vocabulary is only known once every chunk has been parsed,
+# and each chunk is parsed once).
 
 MISSING_KEY = np.iinfo(np.int64).min  # an empty field; an id token with this value is rejected as bad
 
@@ -661,12 +663,15 @@ def _long_counts(feature: int, counts: pl.DataFrame, kind: str) -> pl.DataFrame:
 
 
 def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
-    """Parses, checks, transforms and splits one chunk into ``parts/<chunk>/<split>.<array>.npy`` (ids as
-    int64 keys), plus the train split's token counts (``counts.parquet``) in vocab mode."""
+    """Parses, checks, transforms and splits one chunk into ``parts/<chunk>/<split>.<array>.npy``. Hash mode
+    stores table rows; vocab mode int64 keys (mapped once the vocabulary is known) and the train split's
+    token counts (``counts.parquet``)."""
     started = time.perf_counter()
     source = ctx.sources[chunk.source]
     parsed = parse_chunk(_read_chunk(chunk, source), source, ctx.schema, chunk, ctx.settings.strict)
     columns = encode(parsed, ctx.schema)
+    if ctx.schema.sparse_mode == "hash":
+        columns = map_columns(columns, ctx)
     split = split_of_rows(chunk, source, parsed, ctx)
     final = Path(ctx.work) / "parts" / chunk.key
     tmp = final.with_name(f".{chunk.key}.tmp")
@@ -848,7 +853,9 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     if record is not None:
         return {**record, "reused": True}
     multi = list(ctx.schema.multi_hot)
-    pieces = [map_columns(_read_segment(Path(p), task.split, s, n, multi), ctx) for p, s, n in task.segments]
+    pieces = [_read_segment(Path(p), task.split, s, n, multi) for p, s, n in task.segments]
+    if ctx.schema.sparse_mode == "vocab":
+        pieces = [map_columns(piece, ctx) for piece in pieces]
     columns = _concat(pieces)
     del pieces
     if len(columns) != task.rows:
