@@ -61,10 +61,11 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
+    from recsys.data.shards import dataset_config
     from recsys.distributed.planning import dry_run, format_report
     from recsys.distributed.sharding import PlanError
 
-    config = load_config(args.config, args.overrides)
+    config = dataset_config(load_config(args.config, args.overrides))
     device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
     try:
         report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
