@@ -139,12 +139,12 @@ def make_topology(config: Config, world_size: int, local_world_size: int, device
 # Placements tried first on CPU for tables the config leaves open: row-wise splits are kept as the fallback
 # for tables that fit no single rank. TorchRec's cost model rates row-wise cheapest, but on CPU ranks its
 # bucketized input distribution and extra reduce-scatter cost more than they save, and on one rank they
-# buy nothing at all.
+# buy nothing at all. Data-parallel (a dense all-reduce of the whole table every step) is left to configs
+# that ask for it.
 CPU_FIRST_CHOICE = [
     ShardingType.TABLE_WISE.value,
     ShardingType.COLUMN_WISE.value,
     ShardingType.TABLE_COLUMN_WISE.value,
-    ShardingType.DATA_PARALLEL.value,
 ]
 
 

@@ -101,7 +101,7 @@ def test_bad_table_constraints_fail_clearly(tables: dict, message: str) -> None:
 def test_cpu_plan_splits_rows_only_when_a_table_needs_it(tiny_criteo: Path, tmp_path: Path) -> None:
     open_config = tiny_config(tiny_criteo, tmp_path, 24, 3, model={"num_embeddings": [BIG_ROWS] + [40] * 25})
     roomy = dry_run(config_from_dict(open_config), world_size=2, local_world_size=2, compute_device="cpu")
-    assert {t.sharding_type for t in roomy.tables} <= {"table_wise", "column_wise", "table_column_wise", "data_parallel"}
+    assert {t.sharding_type for t in roomy.tables} <= {"table_wise", "column_wise", "table_column_wise"}
     open_config["sharding"] = {"device_memory_gb": 0.04}
     tight = dry_run(config_from_dict(open_config), world_size=2, local_world_size=2, compute_device="cpu")
     assert table(tight, "t_C1").sharding_type in ("row_wise", "table_row_wise")
