@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from recsys.config import ConfigError
 
@@ -76,6 +77,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(sub: Any, name: str, config_help: str, **kwargs: str) -> argparse.ArgumentParser:
+    """A subcommand taking a YAML config and ``section.key=value`` overrides."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument(
+        "overrides", nargs="*", help="section.key=value overrides, e.g. training.epochs=2 model.deep_layers=[64,32]"
+    )
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,48 +115,47 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(pre)
     pre.set_defaults(func=_preprocess)
 
-    overrides_help = "section.key=value overrides, e.g. training.epochs=2 model.deep_layers=[64,32]"
-    tr = sub.add_parser(
+    tr = _config_command(
+        sub,
         "train",
+        "YAML config, e.g. configs/synthetic.yaml",
         help="train DeepFM from a YAML config",
         description="Trains, evaluating on the val split every training.eval_every_steps and at each epoch "
         "end, checkpointing into training.run_dir (and resuming from its latest checkpoint), then reports "
         "val and test AUC/logloss/NE. Run under torchrun/torchx for several processes.",
     )
-    tr.add_argument("config", help="YAML config, e.g. configs/synthetic.yaml")
-    tr.add_argument("overrides", nargs="*", help=overrides_help)
     tr.set_defaults(func=_train)
 
-    ev = sub.add_parser(
+    ev = _config_command(
+        sub,
         "eval",
+        "the YAML config the run was trained with",
         help="evaluate the latest checkpoint of a run",
         description="Loads the latest checkpoint in training.run_dir and prints AUC/logloss/NE on a split.",
     )
-    ev.add_argument("config", help="the YAML config the run was trained with")
-    ev.add_argument("overrides", nargs="*", help=overrides_help)
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.set_defaults(func=_eval)
 
-    ex = sub.add_parser(
+    ex = _config_command(
+        sub,
         "export",
+        "the YAML config the run was trained with",
         help="export the latest checkpoint as one TorchScript file for serving",
         description="Reassembles sharded tables from the latest checkpoint into an unsharded DeepFM and "
         "writes OUT/model.pt (TorchScript; (dense, KJT) -> probabilities), OUT/serving.json, OUT/config.yaml.",
     )
-    ex.add_argument("config", help="the YAML config the run was trained with")
-    ex.add_argument("overrides", nargs="*", help=overrides_help)
     ex.add_argument("--out", default=None, help="output folder (default: <run_dir>/export)")
     ex.set_defaults(func=_export)
 
-    pl = sub.add_parser(
+    pl = _config_command(
+        sub,
         "plan",
+        "YAML config",
         help="show where the planner puts every table on a cluster (dry run, nothing allocated)",
         description="Builds the model on the meta device and runs TorchRec's planner for the given topology: "
         "prints each table's sharding type, kernel, ranks and memory, and each rank's memory against its cap. "
         "Exits 1 naming the tables that cannot fit.",
     )
-    pl.add_argument("config", help="YAML config")
-    pl.add_argument("overrides", nargs="*", help=overrides_help)
     pl.add_argument("--world-size", type=int, required=True, help="total ranks (devices)")
     pl.add_argument("--local-world-size", type=int, default=0, help="ranks per node (default: all on one)")
     pl.add_argument("--device-memory-gb", type=float, default=None, help="per-rank cap; default sharding.device_memory_gb, else the device's")
