@@ -13,13 +13,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 from torch import nn
 from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.checkpoint import latest_checkpoint
+from recsys.checkpoint import latest_checkpoint, read_tensors
 from recsys.config import Config
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
 
@@ -46,9 +45,7 @@ class ServingModel(nn.Module):
 def load_unsharded(config: Config, table_sizes: list[int], checkpoint: str) -> DeepFM:
     """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint."""
     wrapper = DeepFMTrain(build_deepfm(config, table_sizes, device="cpu"))
-    state = {"model": wrapper.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-    wrapper.load_state_dict(state["model"])
+    wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval()
 
 

@@ -118,8 +118,12 @@ def evaluate(model: torch.nn.Module, batches: Iterator[Batch], device: torch.dev
 
 @dataclass
 class Job:
-    """Everything a run needs, built the same way for training and for evaluating a checkpoint."""
+    """Everything a run needs, built the same way for training and for evaluating a checkpoint.
 
+    ``config`` is the run's config resolved against the data (features and table sizes of shard folders).
+    """
+
+    config: Config
     env: DistEnv
     splits: Splits
     model: DistributedModelParallel
@@ -134,7 +138,7 @@ def build_job(config: Config) -> Job:
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
     model = build_deepfm(config, table_sizes(config), device="meta")
     dmp = shard_model(DeepFMTrain(model), config, env)
-    return Job(env, splits, dmp, build_optimizer(dmp, config))
+    return Job(config, env, splits, dmp, build_optimizer(dmp, config))
 
 
 def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
@@ -145,8 +149,8 @@ def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) 
 
 def evaluate_checkpoint(config: Config, split: str = "test") -> dict[str, float]:
     """Metrics of the latest checkpoint in ``training.run_dir`` on the val or test split."""
-    config = dataset_config(config)
     job = build_job(config)
+    config = job.config
     path = latest_checkpoint(config.training.run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {config.training.run_dir}/checkpoints")
@@ -167,9 +171,8 @@ def train(config: Config) -> dict[str, dict[str, float]]:
 
 
 def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
-    config = dataset_config(config)
     job = build_job(config)
-    env, splits, dmp, optimizer = job.env, job.splits, job.model, job.optimizer
+    config, env, splits, dmp, optimizer = job.config, job.env, job.splits, job.model, job.optimizer
     cfg_data, cfg_train = config.data, config.training
     run_dir = cfg_train.run_dir
     if env.is_main:
@@ -203,7 +206,6 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
 
     steps_per_epoch = num_batches(len(splits.train), cfg_data.batch_size, env.world_size, cfg_data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
-    samples_per_step = cfg_data.batch_size * env.world_size
     val_metrics: dict[str, float] = {}
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps:
@@ -228,7 +230,7 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
             window_loss += float(loss)
             bar.update(1)
             if window_steps == config.logging.log_every_steps or progress["batch_in_epoch"] == steps_per_epoch:
-                rate = window_steps * samples_per_step / (time.perf_counter() - window_start)
+                rate = window_steps * global_batch / (time.perf_counter() - window_start)
                 mean_loss = global_mean(window_loss / window_steps, env.device)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
                 logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +31,6 @@ def choose_device(compute_device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(compute_device: str = "auto") -> DistEnv:
     """Joins (or creates) the default process group.
 
@@ -45,18 +38,20 @@ def init_distributed(compute_device: str = "auto") -> DistEnv:
     ``recsys train`` runs as a group of one, so the model is still wrapped by DistributedModelParallel and
     a run scales out without code changes. Backend: NCCL on CUDA, gloo on CPU.
     """
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
-        )  # fmt: skip
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = choose_device(compute_device, local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if launched:
+            dist.init_process_group(backend=backend)
+        else:
+            # A group of one on an in-process store: no port to bind, and no launcher variables left in
+            # os.environ for child processes (a torchx/torchrun job started from here) to inherit.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
 
 

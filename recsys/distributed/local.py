@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 import time
 import traceback
 from typing import Any, Callable
@@ -16,7 +17,13 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
-from recsys.distributed.env import _free_port, shutdown_distributed
+from recsys.distributed.env import shutdown_distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _entry(
