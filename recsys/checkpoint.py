@@ -16,6 +16,7 @@ checkpoint. The newest ``keep_last`` checkpoints are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import posixpath
 from typing import Any
@@ -27,7 +28,8 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
@@ -48,9 +50,58 @@ def _fs(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, stripped
 
 
+# Saving must not need a second copy of the tables. DCP clones every tensor that is a view into a larger
+# buffer before writing it (each table of FBGEMM's fused weight storage is one, and so is its optimizer
+# state), and with its default of one file per rank it keeps every clone alive until that file is closed:
+# saving doubled peak memory. So shards are written in row chunks of at most this size, one file each:
+# at most one chunk-sized clone exists at a time, on save and (DCP reads file by file) on load.
+CHUNK_BYTES = 64 * 2**20
+
+
+class ChunkedSavePlanner(dcp.DefaultSavePlanner):
+    """DCP's planner with every table shard split into row chunks of at most ``CHUNK_BYTES``.
+
+    The chunks are ordinary DCP chunks of the saved tensor, so loading (and resharding) is unchanged.
+    """
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        self._chunk_of: dict[MetadataIndex, tuple[MetadataIndex, int]] = {}
+        items = [chunk for item in plan.items for chunk in self._split(item)]
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def _split(self, item: WriteItem) -> list[WriteItem]:
+        data = item.tensor_data
+        if item.type != WriteItemType.SHARD or data is None or len(data.chunk.sizes) != 2:
+            return [item]
+        rows, cols = data.chunk.sizes
+        step = max(1, CHUNK_BYTES // max(1, cols * data.properties.dtype.itemsize))
+        if rows <= step:
+            return [item]
+        row0, col0 = data.chunk.offsets
+        chunks = []
+        for start in range(0, rows, step):
+            offsets = torch.Size([row0 + start, col0])
+            index = dataclasses.replace(item.index, offset=offsets)
+            chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([min(step, rows - start), cols]))
+            chunks.append(dataclasses.replace(item, index=index, tensor_data=dataclasses.replace(data, chunk=chunk)))
+            self._chunk_of[index] = (item.index, start)
+        return chunks
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        if write_item.index not in self._chunk_of:
+            return super().resolve_data(write_item)
+        shard_index, start = self._chunk_of[write_item.index]
+        assert write_item.tensor_data is not None
+        return self.lookup_object(shard_index).narrow(0, start, write_item.tensor_data.chunk.sizes[0])
+
+
 def _writer(path: str) -> StorageWriter:
     fs, local = _fs(path)
-    return dcp.FileSystemWriter(local) if isinstance(fs, LocalFileSystem) else FsspecWriter(path)
+    if isinstance(fs, LocalFileSystem):
+        return dcp.FileSystemWriter(local, single_file_per_rank=False)
+    return FsspecWriter(path, single_file_per_rank=False)
 
 
 def _reader(path: str) -> StorageReader:
@@ -119,7 +170,7 @@ def save_checkpoint(
         "progress": {k: torch.tensor(v) for k, v in progress.items()},
         f"rng_rank{_rank()}": _rng_state(),
     }
-    dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")))
+    dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
     _barrier()
     if _rank() == 0:
         final = posixpath.join(local_root, name)

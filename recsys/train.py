@@ -197,8 +197,9 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     def run_eval(stage: str, split: ArrayData | ShardedSplit) -> dict[str, float]:
         # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
         # its next progress() call.
+        start = time.perf_counter()
         result = evaluate(pipeline.detach(), eval_batches(config, env, split), env.device)
-        logger.log(stage, progress["step"], result)
+        logger.log(stage, progress["step"], {**result, "samples_per_s": result["rows"] / (time.perf_counter() - start)})
         return result
 
     def checkpoint() -> str:

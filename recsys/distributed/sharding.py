@@ -16,7 +16,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.stats import NoopEmbeddingStats
@@ -31,7 +31,7 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -355,6 +355,14 @@ def plan_sharding(model: nn.Module, config: Config, env: DistEnv) -> ShardingPla
     return Planner(config, topology, model).plan(dist.GroupMember.WORLD)
 
 
+class SingleProcessWrapper(DataParallelWrapper):
+    """Leaves the dense part unwrapped in a world of one process, where DDP has nothing to all-reduce but
+    still copies every dense gradient into its buckets and runs its reducer hooks on each step."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        dmp._dmp_wrapped_module.to(device)
+
+
 def shard_model(model: nn.Module, config: Config, env: DistEnv) -> DistributedModelParallel:
     """Attaches the fused sparse optimizer, plans placement and wraps ``model`` (built on meta) in DMP.
 
@@ -364,7 +372,10 @@ def shard_model(model: nn.Module, config: Config, env: DistEnv) -> DistributedMo
     attach_sparse_optimizer(model, config, env.device)
     tables = embedding_bag_configs(model)  # before DMP swaps the collection for its sharded version
     plan = plan_sharding(model, config, env)
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=make_sharders())
+    dmp = DistributedModelParallel(
+        module=model, device=env.device, plan=plan, sharders=make_sharders(),
+        data_parallel_wrapper=SingleProcessWrapper() if env.world_size == 1 else None,
+    )  # fmt: skip
     init_tables(dmp, tables, config.training.seed, config.model.embedding_init_std)
     return dmp
 
@@ -427,7 +438,10 @@ def build_optimizer(model: DistributedModelParallel, config: Config) -> Combined
     dense_params = {name: p for name, p in rest.items() if name not in replicated_tables}
     dense = KeyedOptimizerWrapper(
         dense_params,
-        lambda params: DENSE_OPTIMIZERS[opt.dense](params, lr=opt.dense_lr, weight_decay=opt.dense_weight_decay),
+        # fused: one kernel for all parameters instead of a handful of elementwise ops per parameter per step.
+        lambda params: DENSE_OPTIMIZERS[opt.dense](
+            params, lr=opt.dense_lr, weight_decay=opt.dense_weight_decay, fused=True
+        ),
     )
     optimizers = [model.fused_optimizer, dense]
     if replicated_tables:

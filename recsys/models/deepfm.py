@@ -15,7 +15,8 @@
 * Dense features take part as fields, each a learned vector scaled by its (log-transformed) value, as in
   the DeepFM paper and FuxiCTR: every numeric feature then interacts with every categorical one through
   the FM, and the deep part sees all F = F_dense + F_sparse fields uniformly.
-* Deep part: MLP over the concatenated field vectors.
+* Deep part: MLP over all field vectors. Its first layer reads the sparse fields in the pooled rows and the
+  dense fields through their vectors, so the [B, F, D] field tensor is never built (see ``DeepArch``).
 
 The output is a logit (train with ``BCEWithLogitsLoss``). Modules are fx-traceable.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -42,6 +44,19 @@ def table_width(embedding_dim: int) -> int:
     return -(-(embedding_dim + 1) // FBGEMM_DIM_ALIGNMENT) * FBGEMM_DIM_ALIGNMENT
 
 
+@torch.fx.wrap
+def _in_field_order(pooled: KeyedTensor, feature_names: list[str]) -> torch.Tensor:
+    """[B, F_sparse * W] pooled rows in field order; a copy only when the (sharded) EBC emitted another order.
+
+    A sharded EBC emits its features grouped by sharding type, which on one rank or with table-wise-only plans
+    is already field order: then the regroup would be a pure copy of the largest activation of the step.
+    Wrapped for fx: the traced graph keeps this call (the key comparison is not traceable).
+    """
+    if pooled.keys() == feature_names:
+        return pooled.values()
+    return KeyedTensor.regroup([pooled], [feature_names])[0]
+
+
 class SparseArch(nn.Module):
     """Pools every sparse feature through an EmbeddingBagCollection.
 
@@ -53,7 +68,7 @@ class SparseArch(nn.Module):
         features: KJT with keys ``feature_names``, batch size B.
 
     Returns:
-        Tensor [B, F_sparse, W], W = table width.
+        Tensor [B, F_sparse, W], W = table width: per field ``[v (D) | w (1) | padding]``.
     """
 
     def __init__(self, embedding_bag_collection: EmbeddingBagCollection, feature_names: list[str]) -> None:
@@ -62,20 +77,21 @@ class SparseArch(nn.Module):
         self.feature_names = list(feature_names)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embedding_bag_collection(features)
-        # One permute kernel puts the features in field order (a sharded EBC may emit them in another).
-        values = KeyedTensor.regroup([pooled], [self.feature_names])[0]
+        values = _in_field_order(self.embedding_bag_collection(features), self.feature_names)
         return values.view(values.size(0), len(self.feature_names), -1)
 
 
 class DenseArch(nn.Module):
-    """Turns dense features into field vectors and a first-order term.
+    """Dense feature j is the field ``x_j * u_j`` (u_j a learned D-vector) with first-order weight ``c_j``.
+
+    The dense fields are never materialised as [B, F_dense, D]: every consumer is linear in them (the FM's
+    field sum and squared norms, the MLP's first layer), so each contracts ``x`` with ``u`` directly.
 
     Call args:
         dense: [B, F_dense] transformed numeric features.
 
     Returns:
-        (fields [B, F_dense, D], first_order [B])
+        (field_sum [B, D] = sum_j x_j u_j, squared_norms [B] = sum_j |x_j u_j|^2, first_order [B] = x @ c)
     """
 
     def __init__(self, num_dense: int, embedding_dim: int, init_std: float) -> None:
@@ -83,62 +99,79 @@ class DenseArch(nn.Module):
         self.field_vectors = nn.Parameter(torch.randn(num_dense, embedding_dim) * init_std)
         self.linear = nn.Parameter(torch.zeros(num_dense))
 
-    def forward(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fields = dense.unsqueeze(-1) * self.field_vectors
-        return fields, dense @ self.linear
+    def forward(self, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        vectors = self.field_vectors
+        squared_norms = (dense * dense) @ (vectors * vectors).sum(dim=1)
+        return dense @ vectors, squared_norms, dense @ self.linear
 
 
 class FactorizationMachine(nn.Module):
-    """Rendle's second-order FM: sum over field pairs i<j of <v_i, v_j>, in O(F*D).
+    """Rendle's second-order FM: sum over field pairs i<j of <v_i, v_j> = 0.5 * (|sum_f v_f|^2 - sum_f |v_f|^2).
+
+    O(F*D) from the field sum and the fields' squared norms, which DeepFM gathers per field group (sparse
+    rows, dense fields) without concatenating the fields.
 
     Call args:
-        fields: [B, F, D]
+        field_sum: [B, D] sum of all field vectors; squared_norms: [B] sum of their squared norms.
 
     Returns:
         [B]
     """
 
-    def forward(self, fields: torch.Tensor) -> torch.Tensor:
-        # sum_d [(sum_f v_fd)^2 - sum_f v_fd^2]; the second sum, over f and d at once, is a squared norm,
-        # which reads the [B, F, D] fields once and needs one pass in backward (the step is memory-bound).
-        total = fields.sum(dim=1)
-        return 0.5 * ((total * total).sum(dim=1) - torch.linalg.vector_norm(fields, dim=(1, 2)).pow(2))
+    def forward(self, field_sum: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((field_sum * field_sum).sum(dim=1) - squared_norms)
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
 class DeepArch(nn.Module):
-    """MLP over the flattened field vectors, ending in one logit.
+    """MLP over the F = F_dense + F_sparse field vectors, ending in one logit.
 
-    torchrec.modules.mlp.MLP has no dropout or batch-norm, which DeepFM configs (BARS) use, hence this.
+    The first layer is ``nn.Linear(F * D, H)`` split by field group so that the fields need not be
+    concatenated: the sparse part multiplies the pooled table rows in place, its weights zero-padded over
+    the first-order and padding columns (a [H, F_sparse, W] copy of weights instead of a [B, F, D] copy of
+    activations, and a GEMM over W/D-wider but cheaper rows); the dense part folds the dense field vectors
+    into its weights, ``sum_{j,d} A[h,j,d] x_j u_jd = x @ (A . u)^T``, a [B, F_dense] x [F_dense, H] product.
+    Same function and initialisation as the unsplit layer. torchrec.modules.mlp.MLP has no dropout or
+    batch-norm, which DeepFM configs (BARS) use, hence the rest of the MLP too.
 
     Call args:
-        fields: [B, F, D]
+        sparse_rows: [B, F_sparse, W] pooled rows (first D columns are field vectors);
+        dense: [B, F_dense]; dense_vectors: [F_dense, D].
 
     Returns:
         [B]
     """
 
     def __init__(
-        self, in_features: int, layers: list[int], activation: str, dropout: float, batch_norm: bool
-    ) -> None:
+        self, num_sparse: int, num_dense: int, embedding_dim: int, layers: list[int], activation: str,
+        dropout: float, batch_norm: bool,
+    ) -> None:  # fmt: skip
         super().__init__()
+        first = nn.Linear((num_sparse + num_dense) * embedding_dim, layers[0])  # for its init only
+        weight = first.weight.detach().view(layers[0], num_dense + num_sparse, embedding_dim)
+        self.dense_weight = nn.Parameter(weight[:, :num_dense].clone())
+        self.sparse_weight = nn.Parameter(weight[:, num_dense:].clone())
+        self.bias = nn.Parameter(first.bias.detach().clone())
         blocks: list[nn.Module] = []
-        width = in_features
-        for size in layers:
-            blocks.append(nn.Linear(width, size))
+        width = layers[0]
+        for size in [*layers[1:], 1]:
             if batch_norm:
-                blocks.append(nn.BatchNorm1d(size))
+                blocks.append(nn.BatchNorm1d(width))
             blocks.append(ACTIVATIONS[activation]())
             if dropout > 0:
                 blocks.append(nn.Dropout(dropout))
+            blocks.append(nn.Linear(width, size))
             width = size
-        blocks.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*blocks)
 
-    def forward(self, fields: torch.Tensor) -> torch.Tensor:
-        return self.mlp(fields.flatten(start_dim=1)).squeeze(-1)
+    def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
+        unused_columns = sparse_rows.size(2) - self.sparse_weight.size(2)
+        sparse_weight = F.pad(self.sparse_weight, (0, unused_columns)).flatten(start_dim=1)  # [H, F_sparse * W]
+        dense_weight = (self.dense_weight * dense_vectors).sum(dim=2)  # [H, F_dense]
+        hidden = F.linear(sparse_rows.flatten(start_dim=1), sparse_weight, self.bias).addmm_(dense, dense_weight.t())
+        return self.mlp(hidden).squeeze(-1)
 
 
 class DeepFM(nn.Module):
@@ -169,18 +202,21 @@ class DeepFM(nn.Module):
         self.sparse_arch = SparseArch(embedding_bag_collection, sparse_feature_names)
         self.dense_arch = DenseArch(num_dense, embedding_dim, init_std)
         self.fm = FactorizationMachine()
-        num_fields = num_dense + len(sparse_feature_names)
-        self.deep_arch = DeepArch(num_fields * embedding_dim, deep_layers, activation, dropout, batch_norm)
+        self.deep_arch = DeepArch(
+            len(sparse_feature_names), num_dense, embedding_dim, deep_layers, activation, dropout, batch_norm
+        )
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.sparse_arch(sparse)
-        sparse_fields = pooled[:, :, : self.embedding_dim]
-        sparse_first_order = pooled[:, :, self.embedding_dim].sum(dim=1)
-        dense_fields, dense_first_order = self.dense_arch(dense)
-        fields = torch.cat([dense_fields, sparse_fields], dim=1)
-        first_order = self.bias + sparse_first_order + dense_first_order
-        return first_order + self.fm(fields) + self.deep_arch(fields)
+        d = self.embedding_dim
+        rows = self.sparse_arch(sparse)  # [B, F_sparse, W] = [v | w | padding] per field
+        # One pass over the rows serves both sums over fields: of the vectors (FM) and of the weights w.
+        column_sums = rows.sum(dim=1)  # [B, W]
+        row_squares = (rows * rows).sum(dim=1)  # [B, W]
+        dense_sum, dense_squares, dense_first_order = self.dense_arch(dense)
+        fm = self.fm(column_sums[:, :d] + dense_sum, row_squares[:, :d].sum(dim=1) + dense_squares)
+        first_order = self.bias + column_sums[:, d] + dense_first_order
+        return first_order + fm + self.deep_arch(rows, dense, self.dense_arch.field_vectors)
 
 
 class DeepFMTrain(nn.Module):

@@ -49,7 +49,7 @@ def test_fm_equals_brute_force_pair_sum() -> None:
     expected = torch.zeros(5, dtype=torch.float64)
     for i, j in itertools.combinations(range(7), 2):
         expected += (fields[:, i] * fields[:, j]).sum(-1)
-    torch.testing.assert_close(FactorizationMachine()(fields), expected)
+    torch.testing.assert_close(FactorizationMachine()(fields.sum(1), fields.pow(2).sum((1, 2))), expected)
 
 
 def test_first_order_term_equals_manual_lookup() -> None:
@@ -67,18 +67,31 @@ def test_first_order_term_equals_manual_lookup() -> None:
             expected[row] += table(model, f)[ids, D].sum()
     got = pooled[:, :, D].sum(dim=1)
     torch.testing.assert_close(got, expected)
-    _, dense_first = model.dense_arch(dense)
+    _, _, dense_first = model.dense_arch(dense)
     torch.testing.assert_close(dense_first, dense @ model.dense_arch.linear)
 
 
-def test_logit_is_sum_of_bias_first_order_fm_and_deep() -> None:
+def test_logit_equals_textbook_deepfm_over_concatenated_fields() -> None:
+    """The fast forward (no field concatenation, split first layer) computes textbook DeepFM."""
     model = small_model()
     kjt, dense = multi_hot_kjt(), torch.rand(3, len(DENSE))
     pooled = model.sparse_arch(kjt)
-    dense_fields, dense_first = model.dense_arch(dense)
-    fields = torch.cat([dense_fields, pooled[:, :, :D]], dim=1)
-    expected = model.bias + pooled[:, :, D].sum(1) + dense_first + model.fm(fields) + model.deep_arch(fields)
-    torch.testing.assert_close(model(dense, kjt), expected)
+    fields = torch.cat([dense.unsqueeze(-1) * model.dense_arch.field_vectors, pooled[:, :, :D]], dim=1)  # [B, F, D]
+    fm = torch.zeros(3)
+    for i, j in itertools.combinations(range(fields.size(1)), 2):
+        fm += (fields[:, i] * fields[:, j]).sum(-1)
+    deep = model.deep_arch
+    first_layer = torch.cat([deep.dense_weight, deep.sparse_weight], dim=1).flatten(1)  # nn.Linear(F * D, H)
+    deep_logit = deep.mlp(fields.flatten(1) @ first_layer.t() + deep.bias).squeeze(-1)
+    first_order = pooled[:, :, D].sum(1) + dense @ model.dense_arch.linear
+    torch.testing.assert_close(model(dense, kjt), model.bias + first_order + fm + deep_logit)
+
+
+def test_split_first_layer_keeps_linear_init() -> None:
+    deep = small_model().deep_arch
+    fan_in = (len(DENSE) + len(FEATURES)) * D
+    for weight in (deep.dense_weight, deep.sparse_weight, deep.bias):
+        assert weight.abs().max() <= fan_in**-0.5
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
