@@ -64,6 +64,9 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = False
     embedding_init_std: float = 1e-2
+    # "bfloat16": the MLP's matrix products in bfloat16 (autocast; float32 weights, tables, FM and loss).
+    # About twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs; exported models run float32.
+    mlp_precision: str = "float32"
 
 
 @dataclass
@@ -149,6 +152,7 @@ class Config:
 CHOICES = {
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
+    "model.mlp_precision": ("float32", "bfloat16"),
     "optimizer.sparse": ("adagrad", "rowwise_adagrad", "adam", "sgd"),
     "optimizer.dense": ("adam", "adagrad", "sgd"),
     "sharding.compute_device": ("auto", "cpu", "cuda"),

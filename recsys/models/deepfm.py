@@ -146,9 +146,10 @@ class DeepArch(nn.Module):
 
     def __init__(
         self, num_sparse: int, num_dense: int, embedding_dim: int, layers: list[int], activation: str,
-        dropout: float, batch_norm: bool,
+        dropout: float, batch_norm: bool, bfloat16: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.bfloat16 = bfloat16
         first = nn.Linear((num_sparse + num_dense) * embedding_dim, layers[0])  # for its init only
         weight = first.weight.detach().view(layers[0], num_dense + num_sparse, embedding_dim)
         self.dense_weight = nn.Parameter(weight[:, :num_dense].clone())
@@ -170,8 +171,15 @@ class DeepArch(nn.Module):
         unused_columns = sparse_rows.size(2) - self.sparse_weight.size(2)
         sparse_weight = F.pad(self.sparse_weight, (0, unused_columns)).flatten(start_dim=1)  # [H, F_sparse * W]
         dense_weight = (self.dense_weight * dense_vectors).sum(dim=2)  # [H, F_dense]
-        hidden = F.linear(sparse_rows.flatten(start_dim=1), sparse_weight, self.bias).addmm_(dense, dense_weight.t())
-        return self.mlp(hidden).squeeze(-1)
+        rows = sparse_rows.flatten(start_dim=1)
+        if self.bfloat16:
+            # model.mlp_precision=bfloat16: the widest product (3/4 of the MLP's arithmetic, forward and both
+            # backward products) in bfloat16 with float32 weights and output. Explicit casts rather than
+            # torch.autocast keep the module fx-traceable, so an exported model computes exactly this too.
+            sparse_part = F.linear(rows.bfloat16(), sparse_weight.bfloat16(), self.bias.bfloat16()).float()
+        else:
+            sparse_part = F.linear(rows, sparse_weight, self.bias)
+        return self.mlp(sparse_part.addmm_(dense, dense_weight.t())).squeeze(-1)
 
 
 class DeepFM(nn.Module):
@@ -196,6 +204,7 @@ class DeepFM(nn.Module):
         dropout: float = 0.0,
         batch_norm: bool = False,
         init_std: float = 1e-2,
+        mlp_bfloat16: bool = False,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
@@ -203,7 +212,8 @@ class DeepFM(nn.Module):
         self.dense_arch = DenseArch(num_dense, embedding_dim, init_std)
         self.fm = FactorizationMachine()
         self.deep_arch = DeepArch(
-            len(sparse_feature_names), num_dense, embedding_dim, deep_layers, activation, dropout, batch_norm
+            len(sparse_feature_names), num_dense, embedding_dim, deep_layers, activation, dropout, batch_norm,
+            mlp_bfloat16,
         )
         self.bias = nn.Parameter(torch.zeros(1))
 
@@ -293,4 +303,5 @@ def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: 
         dropout=m.dropout,
         batch_norm=m.batch_norm,
         init_std=m.embedding_init_std,
+        mlp_bfloat16=m.mlp_precision == "bfloat16",
     )

@@ -16,12 +16,12 @@ DENSE = ["I1", "I2"]
 D = 8
 
 
-def small_model(pooling: str = "sum", shared: dict | None = None) -> DeepFM:
+def small_model(pooling: str = "sum", shared: dict | None = None, mlp_precision: str = "float32") -> DeepFM:
     config = config_from_dict(
         {
             "data": {"dense_features": DENSE, "sparse_features": FEATURES},
             "model": {"embedding_dim": D, "num_embeddings": [10, 20, 30], "deep_layers": [16], "pooling": pooling,
-                      "shared_tables": shared or {}, "embedding_init_std": 0.1},
+                      "shared_tables": shared or {}, "embedding_init_std": 0.1, "mlp_precision": mlp_precision},
         }
     )  # fmt: skip
     torch.manual_seed(0)
@@ -136,3 +136,16 @@ def test_gradients_reach_every_part() -> None:
     DeepFMTrain(model)(batch)[0].backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_bfloat16_mlp_is_close_to_float32_traceable_and_trains() -> None:
+    exact, mixed = small_model(), small_model(mlp_precision="bfloat16")
+    mixed.load_state_dict(exact.state_dict())
+    kjt, dense = multi_hot_kjt(), torch.rand(3, len(DENSE))
+    logits = mixed(dense, kjt)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, exact(dense, kjt), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(symbolic_trace(mixed)(dense, kjt), logits)
+    logits.sum().backward()
+    assert mixed.deep_arch.sparse_weight.grad.dtype == torch.float32
+    assert mixed.deep_arch.sparse_weight.grad.abs().sum() > 0
