@@ -9,6 +9,7 @@ types fail with a ``ConfigError`` that names the key and lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Returns ``value`` converted to ``tp`` or raises ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
@@ -193,6 +197,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
+            return float(value)  # PyYAML reads 1e-6 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -75,3 +75,10 @@ def test_bad_yaml_names_the_file(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_exponent_without_dot_is_a_number() -> None:
+    config = config_from_dict({}, ["optimizer.sparse_eps=1e-6", "optimizer.sparse_lr=2E-3"])
+    assert config.optimizer.sparse_eps == 1e-6 and config.optimizer.sparse_lr == 2e-3
+    with pytest.raises(ConfigError, match="optimizer.sparse_lr"):
+        config_from_dict({}, ["optimizer.sparse_lr=fast"])
