@@ -29,7 +29,8 @@ def test_predict_on_raw_test_rows_reproduces_eval_auc(serving_run, tmp_path: Pat
 
     # CSV holds the same scores; several chunks and workers keep the input order.
     assert _predict(serving_run.export, tmp_path / "scores.csv", test_tsv, flags=("--chunk-mb", "0.5", "--workers", "2")) == 0
-    assert pl.read_csv(tmp_path / "scores.csv")["score"].to_list() == pytest.approx(scores["score"].to_list(), abs=1e-7)
+    # Other chunks mean other model batches: float sums may round differently.
+    assert pl.read_csv(tmp_path / "scores.csv")["score"].to_list() == pytest.approx(scores["score"].to_list(), abs=1e-6)
 
 
 def test_unlabelled_gzip_and_empty_inputs(serving_run, tmp_path: Path) -> None:
