@@ -1,73 +1,365 @@
-"""Export a trained model for serving: one TorchScript file that runs without TorchRec's sharding.
+"""Export a trained model for serving: one self-contained folder, written atomically.
 
-The latest checkpoint (possibly written by many ranks, with tables split across them) is loaded into an
-unsharded DeepFM with torch.distributed.checkpoint, which reassembles every table; the model is traced with
-``torchrec.fx.symbolic_trace`` (which keeps KeyedJaggedTensor as a leaf) and compiled with TorchScript.
-The served module takes ``(dense [B, F_dense] float32, sparse KeyedJaggedTensor)`` and returns click
-probabilities [B]. Full tables must fit in the exporting host's memory.
+The chosen checkpoint (by default the latest; possibly written by many ranks, with tables split across
+them) is loaded into an unsharded DeepFM with torch.distributed.checkpoint, which reassembles every table.
+The folder holds everything needed to score raw logs without the training data or config:
+
+    EXPORT/
+      manifest.json   versions, checkpoint and step, metrics at export, features in model order, the
+                      preprocessing (schema, dense transform, sparse mode, hash buckets, missing/OOV rows),
+                      negative_sampling_rate (calibration), quantization and ONNX reports, file list
+      model.pt        TorchScript (recsys.serving.modules.ServedModel): forward(dense, KJT) and
+                      score_tensors(dense, values, lengths) -> [B] probabilities
+      vocab/          vocab mode: <feature>.lookup.npy ([2, V] sorted token keys, rows) and
+                      <feature>.parquet (token, count in row order), copied from preprocessing
+      model.onnx      with --onnx: the whole model (tables stacked) or, when the tables exceed the ONNX
+                      limit, the dense part over pooled embeddings
+      config.yaml     the run's resolved config
+
+``torchrec.fx.symbolic_trace`` traces the model (KeyedJaggedTensor stays a leaf) and TorchScript compiles
+it. ``quantize`` swaps the tables for TorchRec's ``QuantEmbeddingBagCollection`` (FBGEMM row-wise int8 or
+int4 with an fp16 scale and bias per row) via ``torchrec.inference.modules.quantize_inference_model``.
+Full tables must fit in the exporting host's memory.
 """
 
+from __future__ import annotations
 
+import contextlib
+import copy
 import json
+import logging
 import os
+import platform
+import shutil
+import time
+import warnings
 from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
+import polars as pl
 import torch
 import yaml
-from torch import nn
+from torchmetrics.classification import BinaryAUROC
+from torchrec.datasets.utils import Batch
 from torchrec.fx import symbolic_trace
+from torchrec.inference.modules import quantize_inference_model
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+import recsys
 from recsys.checkpoint import latest_checkpoint, read_tensors
 from recsys.config import Config
+from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
+from recsys.data.schema import load_schema, schema_from_dict
+from recsys.data.shards import is_shard_split, split_batches
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
+from recsys.serving.modules import LogitModel, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
+from recsys.train import load_split
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.pt"
+ONNX_FILE = "model.onnx"
+# FBGEMM's row-wise formats with CPU kernels in fbgemm-gpu-cpu 1.8 (both checked: tests/serving/test_quantize_onnx.py).
+QUANTIZE = {"int8": torch.int8, "int4": torch.quint4x2}
+# Rows are packed without alignment padding: the CPU kernels read unaligned rows, and int4 rows of a
+# 12-wide table take 10 bytes instead of TorchRec's default 16 (CUDA serving re-shards with 16-byte rows).
+QUANT_ROW_ALIGNMENT = 1
+# ONNX stores a model in one protobuf message (2 GiB at most); larger tables are left out (dense part only).
+ONNX_TABLE_LIMIT_BYTES = 1 << 30
+ONNX_TOLERANCE = 1e-5
+PARITY_ROWS = 2048
 
 
-class ServingModel(nn.Module):
-    """DeepFM returning probabilities.
+class ExportError(ValueError):
+    """An export that cannot be made or fails its own checks."""
 
-    Call args:
-        dense: [B, F_dense] transformed numeric features
-        sparse: KJT with the training sparse feature keys
 
-    Returns:
-        [B] click probabilities
-    """
-
-    def __init__(self, model: DeepFM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return torch.sigmoid(self.model(dense, sparse))
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences the tracers' and exporters' advice (warnings, and logs from torch and onnx_ir)."""
+    loggers = [logging.getLogger(name) for name in ("torch", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def load_unsharded(config: Config, table_sizes: list[int], checkpoint: str) -> DeepFM:
     """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint."""
     wrapper = DeepFMTrain(build_deepfm(config, table_sizes, device="cpu"))
     wrapper.load_state_dict(read_tensors(checkpoint))
-    return wrapper.model.eval()
+    return wrapper.model.eval().requires_grad_(False)
 
 
-def export_model(config: Config, table_sizes: list[int], out_dir: str) -> Path:
-    """Writes ``out_dir/model.pt`` (TorchScript) and ``out_dir/serving.json`` (inputs it expects)."""
-    checkpoint = latest_checkpoint(config.training.run_dir)
+def serving_preprocessing(config: Config, table_sizes: list[int]) -> tuple[dict, Path | None]:
+    """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode).
+
+    Shard folders carry theirs in ``metadata.json``; the raw-TSV route (``recsys.data.criteo``) is the
+    Criteo schema in hash mode with ``model.num_embeddings`` buckets per feature.
+    """
+    data = config.data
+    if is_shard_split(data.train):
+        root = Path(data.train).parent
+        schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
+        return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
+    schema = load_schema("criteo", {
+        "columns": ["label", *data.dense_features, *data.sparse_features], "dense": data.dense_features,
+        "sparse": data.sparse_features, "sparse_mode": "hash",
+        "hash_buckets": dict(zip(data.sparse_features, table_sizes)),
+    })  # fmt: skip
+    return schema.to_dict(), None
+
+
+def _id_rules(schema: dict, features: list[str], table_sizes: list[int]) -> dict:
+    rows = dict(zip(features, table_sizes))
+    if schema["sparse_mode"] == "vocab":
+        return {"mode": "vocab", "missing_row": MISSING_ID, "oov_row": OOV_ID, "first_row": FIRST_VOCAB_ID,
+                "table_rows": rows, "oov_rows": [OOV_ID] * len(features),
+                "rule": "empty field -> row 0; a token seen fewer than min_count times in train, or never -> "
+                        "row 1 (OOV); else its vocabulary row"}  # fmt: skip
+    return {"mode": "hash", "table_rows": rows, "oov_rows": [-1] * len(features),
+            "rule": "empty field -> row 0; hex/int id -> id mod table_rows; string -> polars hash (seed 0) mod "
+                    "table_rows; there is no OOV row: an out-of-range id given to the model is taken mod table_rows"}  # fmt: skip
+
+
+def _run_metrics(run_dir: str) -> dict[str, dict]:
+    """The last logged val and test metrics of the run (``metrics.jsonl``)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    last: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("stage") in ("val", "test"):
+                last[record.pop("stage")] = record
+    return last
+
+
+def _versions() -> dict[str, str]:
+    import fbgemm_gpu
+    import torchrec
+
+    return {"recsys": recsys.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchrec": torchrec.__version__, "fbgemm_gpu": fbgemm_gpu.__version__, "polars": pl.__version__,
+            "numpy": np.__version__}  # fmt: skip
+
+
+def script_model(model: DeepFM, serving: dict, quantize: str | None = None) -> torch.jit.ScriptModule:
+    """The TorchScript serving model; ``quantize`` ("int8"/"int4") swaps in TorchRec's quantized tables.
+
+    ``serving``: the manifest's ``features``, ``preprocessing.ids`` and ``negative_sampling_rate``.
+    """
+    logits = LogitModel(model)
+    if quantize:
+        logits = copy.deepcopy(logits)
+        quant_prep_customize_row_alignment(logits, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
+        logits = quantize_inference_model(logits, quantization_dtype=QUANTIZE[quantize])
+    features, ids = serving["features"], serving["preprocessing"]["ids"]
+    with _quiet():
+        served = ServedModel(
+            torch.jit.script(symbolic_trace(logits)), features["sparse"], len(features["dense"]),
+            [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"],
+        )  # fmt: skip
+        return torch.jit.script(served)
+
+
+def model_batches(config: Config, rows: int | None = None) -> Iterator[Batch]:
+    """Batches of the test split (else val), up to ``rows`` rows."""
+    data = config.data
+    split = load_split(config, data.test or data.val)
+    seen = 0
+    for batch in split_batches(split, data.sparse_features, data.eval_batch_size):
+        if rows is not None and seen >= rows:
+            return
+        yield batch
+        seen += len(batch.labels)
+
+
+@torch.no_grad()
+def split_auc(model: torch.jit.ScriptModule, config: Config) -> float:
+    """AUC of a served model on the test split."""
+    auc = BinaryAUROC()
+    for batch in model_batches(config):
+        auc.update(model(batch.dense_features, batch.sparse_features), batch.labels)
+    return float(auc.compute())
+
+
+def _parity_inputs(config: Config, bad_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dense [B, F_dense], values [L], lengths [F_sparse, B]) from the first test rows, with a NaN and an
+    inf dense value and, if ``bad_ids``, a negative and an out-of-range id (models must clean them alike)."""
+    batch = next(model_batches(config, PARITY_ROWS))
+    rows = min(PARITY_ROWS, len(batch.labels))
+    kjt = batch.sparse_features
+    lengths = kjt.lengths().view(len(kjt.keys()), -1)[:, :rows].long().contiguous()
+    values = torch.cat([v[: int(n)] for v, n in zip(kjt.values().split(kjt.length_per_key()), lengths.sum(1))])
+    dense = batch.dense_features[:rows].clone()
+    dense[0, 0], dense[-1, -1] = float("nan"), float("inf")
+    if bad_ids:
+        values[0], values[-1] = -3, 1 << 40
+    return dense, values.long(), lengths
+
+
+def export_onnx(model: DeepFM, serving: dict, path: Path, table_limit_bytes: int) -> dict:
+    """Writes ``model.onnx``: the whole model when its tables fit ``table_limit_bytes``, else the dense part.
+
+    Returns the manifest's ``onnx`` record (file, what it carries, its inputs).
+    """
+    ebc = model.sparse_arch.embedding_bag_collection
+    table_bytes = sum(t.weight.numel() * t.weight.element_size() for t in ebc.embedding_bags.values())
+    ids, features = serving["preprocessing"]["ids"], serving["features"]
+    rate = serving["negative_sampling_rate"]
+    batch = 3  # > 1, or the exporter specializes the batch dimension
+    dense = torch.rand(batch, len(features["dense"]))
+    if table_bytes <= table_limit_bytes:
+        module: torch.nn.Module = OnnxDeepFM(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], rate)
+        lengths = torch.ones(len(features["sparse"]), batch, dtype=torch.long)
+        args: tuple = (dense, torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)
+        names = ["dense", "values", "lengths"]
+        shapes: tuple = ({0: "batch"}, {0: "ids"}, {1: "batch"})
+        carries = "whole model: tables stacked into one [rows, width] initializer"
+    else:
+        module = OnnxDenseDeepFM(model, rate)
+        width = next(iter(ebc.embedding_bags.values())).weight.size(1)
+        args = (dense, torch.rand(batch, len(features["sparse"]), width))
+        names, shapes = ["dense", "pooled"], ({0: "batch"}, {0: "batch"})
+        carries = f"dense part only: the tables ({table_bytes / 2**30:.2f} GiB) exceed {table_limit_bytes / 2**30:.2f} GiB"
+    with _quiet():
+        torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=["probability"],
+                          dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False)  # fmt: skip
+    return {"file": path.name, "carries": carries, "inputs": names, "table_bytes": table_bytes}
+
+
+def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: DeepFM, config: Config, record: dict) -> float:
+    """Max |ONNX (onnxruntime) - TorchScript (fp32)| over test rows with bad values mixed in; ExportError
+    above ``ONNX_TOLERANCE``."""
+    import onnxruntime
+
+    whole = record["inputs"][1] == "values"
+    dense, values, lengths = _parity_inputs(config, bad_ids=whole)
+    with torch.no_grad():
+        expected = scripted.score_tensors(dense, values, lengths).numpy()
+        if whole:
+            feed = {"dense": dense.numpy(), "values": values.numpy(), "lengths": lengths.numpy()}
+        else:  # the dense part takes the rows the trained tables pool
+            kjt = KeyedJaggedTensor(keys=config.data.sparse_features, values=values, lengths=lengths.reshape(-1).int())
+            feed = {"dense": dense.numpy(), "pooled": model.sparse_arch(kjt).numpy()}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    error = float(np.abs(session.run(None, feed)[0] - expected).max())
+    if not error <= ONNX_TOLERANCE:
+        raise ExportError(f"ONNX and TorchScript disagree by {error:.3g} (> {ONNX_TOLERANCE}) on test rows")
+    return error
+
+
+def _check_destination(out: Path) -> None:
+    """An export replaces an earlier export or an empty folder, never another folder."""
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists() and not (out / MODEL_FILE).exists():
+        raise ExportError(f"{out} exists and is not an export folder; refusing to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Renames the finished folder into place, replacing an earlier export."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out)
+
+
+def export_model(
+    config: Config,
+    table_sizes: list[int],
+    out_dir: str,
+    checkpoint: str | None = None,
+    quantize: str | None = None,
+    onnx: bool = False,
+    negative_sampling_rate: float = 1.0,
+    onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
+) -> dict[str, Any]:
+    """Writes the export folder ``out_dir`` (see the module docstring) and returns its manifest.
+
+    ``checkpoint``: a checkpoint path; None takes the run's latest (the one place the choice is made).
+    ``quantize``: None (fp32), "int8" or "int4"; the manifest then compares size and test AUC with fp32.
+    ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all); the served
+    probabilities are corrected for it.
+    """
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ExportError(f"--quantize must be one of {sorted(QUANTIZE)}, got {quantize!r}")
+    if not 0 < negative_sampling_rate <= 1:
+        raise ExportError(f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}")
+    out = Path(out_dir)
+    _check_destination(out)
+    checkpoint = checkpoint or latest_checkpoint(config.training.run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {config.training.run_dir}/checkpoints to export")
-    serving = ServingModel(load_unsharded(config, table_sizes, checkpoint)).requires_grad_(False)
-    scripted = torch.jit.script(symbolic_trace(serving))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".model.pt.tmp"
-    scripted.save(str(tmp))
-    os.replace(tmp, out / "model.pt")
-    info = {
+    started = time.perf_counter()
+    model = load_unsharded(config, table_sizes, checkpoint)
+    schema, vocab = serving_preprocessing(config, table_sizes)
+    features = {"dense": config.data.dense_features, "sparse": config.data.sparse_features,
+                "multi_hot": list(schema["multi_hot"])}  # fmt: skip
+    manifest: dict[str, Any] = {
+        "format": "recsys-export/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
         "checkpoint": checkpoint,
-        "dense_features": config.data.dense_features,
-        "sparse_features": config.data.sparse_features,
-        "table_sizes": table_sizes,
-        "output": "click probability per row",
-    }
-    (out / "serving.json").write_text(json.dumps(info, indent=2))
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return out / "model.pt"
+        "step": int(read_tensors(checkpoint, "progress.").get("step", torch.tensor(-1))),
+        "metrics": _run_metrics(config.training.run_dir),
+        "features": features,
+        "preprocessing": {
+            "schema": schema,
+            "dense": ("log1p(max(x, 0))" if schema["dense_transform"] == "log1p" else "x") + "; missing, NaN or inf -> 0",
+            "ids": _id_rules(schema, features["sparse"], table_sizes),
+            "vocab_dir": "vocab" if vocab else None,
+        },
+        "negative_sampling_rate": negative_sampling_rate,
+        "model": {"file": MODEL_FILE, "quantization": quantize or "fp32",
+                  "entries": {"forward": "(dense [B, F_dense] float32, KeyedJaggedTensor) -> [B] probabilities",
+                              "score_tensors": "(dense [B, F_dense] float32, values [L] int64 feature-major, "
+                                               "lengths [F_sparse, B] int) -> [B] probabilities"}},
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if vocab:
+            shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
+        fp32 = script_model(model, manifest)
+        (script_model(model, manifest, quantize) if quantize else fp32).save(str(tmp / MODEL_FILE))
+        manifest["model"]["bytes"] = (tmp / MODEL_FILE).stat().st_size
+        if quantize:
+            manifest["quantization"] = _compare_quantized(fp32, manifest, config, tmp)
+        if onnx:
+            manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
+            manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        manifest["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]
+        manifest["export_seconds"] = round(time.perf_counter() - started, 2)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:
+    """Size and test AUC of the quantized model.pt against the fp32 model (saved aside to measure it)."""
+    fp32_path = folder / ".model_fp32.pt"
+    fp32.save(str(fp32_path))
+    fp32_bytes = fp32_path.stat().st_size
+    fp32_path.unlink()
+    quantized_bytes = manifest["model"]["bytes"]
+    fp32_auc, auc = split_auc(fp32, config), split_auc(torch.jit.load(str(folder / MODEL_FILE)), config)
+    return {"dtype": manifest["model"]["quantization"], "bytes": quantized_bytes, "fp32_bytes": fp32_bytes,
+            "size_ratio": round(fp32_bytes / quantized_bytes, 3), "test_auc": auc, "fp32_test_auc": fp32_auc,
+            "auc_drop": fp32_auc - auc}  # fmt: skip

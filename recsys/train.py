@@ -54,17 +54,17 @@ class Splits:
     test: ArrayData | ShardedSplit | None
 
 
+def load_split(config: Config, path: str) -> ArrayData | ShardedSplit:
+    """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory."""
+    if is_shard_split(path):
+        return ShardedSplit(path)
+    return load_criteo_tsv(path, config.data.dense_features, config.data.sparse_features, table_sizes(config))
+
+
 def load_splits(config: Config) -> Splits:
-    """Shard folders from ``recsys preprocess`` are memory-mapped; TSV files are parsed into memory."""
     data = config.data
-    if is_shard_split(data.train):
-        return Splits(ShardedSplit(data.train), ShardedSplit(data.val), ShardedSplit(data.test) if data.test else None)
-    sizes = table_sizes(config)
-
-    def load(path: str) -> ArrayData:
-        return load_criteo_tsv(path, data.dense_features, data.sparse_features, sizes)
-
-    return Splits(load(data.train), load(data.val), load(data.test) if data.test else None)
+    return Splits(load_split(config, data.train), load_split(config, data.val),
+                  load_split(config, data.test) if data.test else None)
 
 
 class RunLogger:

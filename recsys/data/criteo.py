@@ -79,7 +79,20 @@ def make_batch(
 
     The KJT is key-major: for each key in ``keys``, the B rows' values; ids become int64.
     """
-    batch_size = len(labels)
+    values, lengths = jagged_ids(keys, one_hot, multi_hot)
+    return Batch(
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
+        labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
+    )
+
+
+def jagged_ids(
+    keys: list[str], one_hot: np.ndarray, multi_hot: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows' ids key-major, as a KJT holds them: (values [L] int64, lengths [F * B] int32); ``one_hot``
+    [B, F_1] and ``multi_hot`` as in :func:`make_batch`."""
+    batch_size = len(one_hot)
     if not multi_hot:
         values = torch.from_numpy(np.ascontiguousarray(one_hot.T, dtype=np.int64)).reshape(-1)
         lengths = torch.ones(batch_size * len(keys), dtype=torch.int32)
@@ -94,11 +107,7 @@ def make_batch(
             value_parts.append(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
             length_parts.append(torch.from_numpy(np.asarray(counts, dtype=np.int32)))
         values, lengths = torch.cat(value_parts), torch.cat(length_parts)
-    return Batch(
-        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
-        sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
-        labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
-    )
+    return values, lengths
 
 
 def rank_bounds(rows: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -34,6 +34,7 @@ still matches; a changed input or setting changes the fingerprint and invalidate
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures as cf
 import gzip
 import hashlib
@@ -60,6 +61,7 @@ FORMAT_VERSION = 1
 MISSING_ID = 0  # vocab mode: table row of an empty field
 OOV_ID = 1  # vocab mode: table row shared by rare and unseen tokens
 FIRST_VOCAB_ID = 2
+NO_LABEL = -1  # the label of a row from unlabelled (serving) input
 SPLIT_MODES = ("random", "files", "days")
 ERROR_KINDS = ("columns", "label", "dense", "sparse", "truncated")
 MAX_EXAMPLES = 5
@@ -179,7 +181,7 @@ def _read_header(source: Source, schema: Schema) -> None:
     if schema.columns and names != schema.columns:
         raise PreprocessError(f"{source.path}:1: header {names} does not match schema {schema.name} "
                               f"columns {schema.columns}")
-    missing = [c for c in [schema.label, *schema.dense, *schema.sparse] if c not in names]
+    missing = [c for c in schema.used_columns() if c not in names]
     if missing:
         raise PreprocessError(f"{source.path}:1: header lacks schema column(s) {missing}")
     source.columns = names
@@ -375,9 +377,10 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
     nlines = data.count(b"\n")
     if data.count(schema.delimiter.encode()) != nlines * (len(source.columns) - 1):
         return None
-    used = [schema.label, *schema.dense, *schema.sparse]
+    used = schema.used_columns()
     types = {name: pl.Utf8 for name in source.columns}
-    types[schema.label] = pl.Int64
+    if schema.label:
+        types[schema.label] = pl.Int64
     types.update({name: pl.Float64 for name in schema.dense})
     try:
         frame = pl.read_csv(
@@ -386,9 +389,15 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
         )  # fmt: skip
     except pl.exceptions.PolarsError:
         return None
-    labels = frame[schema.label]
-    if frame.height != nlines or labels.null_count() or not labels.is_in([0, 1]).all():
+    if frame.height != nlines:
         return None
+    if schema.label:
+        labels = frame[schema.label]
+        if labels.null_count() or not labels.is_in([0, 1]).all():
+            return None
+        labels = labels.to_numpy().astype(np.int8)
+    else:
+        labels = np.full(nlines, NO_LABEL, dtype=np.int8)
     dense = frame.select(schema.dense).to_numpy().astype(np.float64, copy=False).reshape(nlines, -1)
     missing = np.isnan(dense)
     # A NaN that is not an empty field came from a "nan" in the file: a bad value.
@@ -406,7 +415,7 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
         if tokens.null_count() != raw.null_count() or (tokens == MISSING_KEY).any():
             return None
     errors = dict.fromkeys(ERROR_KINDS, 0)
-    return Parsed(nlines, np.arange(nlines), labels.to_numpy().astype(np.int8), dense, sparse, errors, [])
+    return Parsed(nlines, np.arange(nlines), labels, dense, sparse, errors, [])
 
 
 def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, strict: bool) -> Parsed:
@@ -447,7 +456,7 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
     else:
         line_of_row = np.arange(nlines)
 
-    used = [schema.label, *schema.dense, *schema.sparse]
+    used = schema.used_columns()
     if len(line_of_row):
         frame = pl.read_csv(
             data, separator=schema.delimiter, has_header=False, quote_char=None,
@@ -456,13 +465,13 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
     else:
         frame = pl.DataFrame(schema={name: pl.Utf8 for name in used})
     exprs = [pl.col(schema.label).is_in(["0", "1"]).fill_null(False).alias("__label_ok"),
-             pl.col(schema.label).cast(pl.Int8, strict=False).alias(schema.label)]
+             pl.col(schema.label).cast(pl.Int8, strict=False).alias(schema.label)] if schema.label else []
     for name in schema.dense:
         exprs.append(pl.col(name).cast(pl.Float64, strict=False).alias(f"__d_{name}"))
     parsed = frame.with_columns(exprs)
     all_tokens = _sparse_tokens(frame, schema)
 
-    ok = parsed["__label_ok"].to_numpy()
+    ok = parsed["__label_ok"].to_numpy() if schema.label else np.ones(frame.height, dtype=bool)
     bad_any = ~ok
 
     def check(bad: np.ndarray, kind: str, column: str) -> None:
@@ -502,7 +511,8 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         idx = pl.Series(good)
         sparse = {name: tokens.gather(idx) for name, tokens in sparse.items()}
         dense = dense[good]
-    labels = parsed[schema.label].to_numpy()[good].astype(np.int8)
+    labels = (parsed[schema.label].to_numpy()[good].astype(np.int8) if schema.label else
+              np.full(len(good), NO_LABEL, dtype=np.int8))
     return Parsed(nlines, line_of_row[good], labels, dense, sparse, errors, examples)
 
 
@@ -671,7 +681,7 @@ def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
     parsed = parse_chunk(_read_chunk(chunk, source), source, ctx.schema, chunk, ctx.settings.strict)
     columns = encode(parsed, ctx.schema)
     if ctx.schema.sparse_mode == "hash":
-        columns = map_columns(columns, ctx)
+        columns = map_columns(columns, ctx.schema, ctx.vocab_dir)
     split = split_of_rows(chunk, source, parsed, ctx)
     final = Path(ctx.work) / "parts" / chunk.key
     tmp = final.with_name(f".{chunk.key}.tmp")
@@ -743,9 +753,8 @@ class VocabCounter:
 _LOOKUPS: dict[tuple[str, str], tuple[pl.Series, pl.Series]] = {}
 
 
-def map_keys(keys: np.ndarray, name: str, ctx: Context) -> np.ndarray:
-    """[N] int64 keys -> [N] int32 table rows of feature ``name``."""
-    schema = ctx.schema
+def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None) -> np.ndarray:
+    """[N] int64 keys -> [N] int32 table rows of feature ``name`` (``vocab_dir``: vocab mode's lookups)."""
     missing = keys == MISSING_KEY
     if schema.sparse_mode == "hash":
         buckets = schema.buckets(name)
@@ -754,9 +763,9 @@ def map_keys(keys: np.ndarray, name: str, ctx: Context) -> np.ndarray:
         else:
             rows = np.mod(keys, buckets)  # the DLRM route: id mod buckets, missing -> 0
         return np.where(missing, 0, rows).astype(np.int32)
-    cache_key = (ctx.vocab_dir, name)
+    cache_key = (vocab_dir, name)
     if cache_key not in _LOOKUPS:  # once per worker process
-        sorted_keys, ids = np.load(Path(ctx.vocab_dir) / f"{name}.lookup.npy")
+        sorted_keys, ids = np.load(Path(vocab_dir) / f"{name}.lookup.npy")
         _LOOKUPS[cache_key] = (pl.Series(sorted_keys), pl.Series(ids.astype(np.int32)))
     vocab, ids = _LOOKUPS[cache_key]
     # A hash lookup (polars), about twice as fast as np.searchsorted on the sorted keys.
@@ -764,14 +773,15 @@ def map_keys(keys: np.ndarray, name: str, ctx: Context) -> np.ndarray:
     return np.where(missing, MISSING_ID, rows).astype(np.int32, copy=False)
 
 
-def map_columns(columns: Columns, ctx: Context) -> Columns:
-    one_hot = [n for n in ctx.schema.sparse if n not in ctx.schema.multi_hot]
+def map_columns(columns: Columns, schema: Schema, vocab_dir: str | None) -> Columns:
+    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
     by_feature = np.ascontiguousarray(columns.sparse.T)  # one contiguous run per feature, not strided columns
     sparse = np.empty(by_feature.shape, dtype=np.int32)
     for j, name in enumerate(one_hot):
-        sparse[j] = map_keys(by_feature[j], name, ctx)
+        sparse[j] = map_keys(by_feature[j], name, schema, vocab_dir)
     sparse = np.ascontiguousarray(sparse.T)
-    multi = {name: (map_keys(values, name, ctx), lengths) for name, (values, lengths) in columns.multi.items()}
+    multi = {name: (map_keys(values, name, schema, vocab_dir), lengths)
+             for name, (values, lengths) in columns.multi.items()}
     return Columns(columns.labels, columns.dense, sparse, multi)
 
 
@@ -855,7 +865,7 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     multi = list(ctx.schema.multi_hot)
     pieces = [_read_segment(Path(p), task.split, s, n, multi) for p, s, n in task.segments]
     if ctx.schema.sparse_mode == "vocab":
-        pieces = [map_columns(piece, ctx) for piece in pieces]
+        pieces = [map_columns(piece, ctx.schema, ctx.vocab_dir) for piece in pieces]
     columns = _concat(pieces)
     del pieces
     if len(columns) != task.rows:
@@ -972,6 +982,23 @@ class Pool:
                     os.environ["RECSYS_LIGHT_IMPORT"] = saved
             self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
 
+    def imap(self, fn: Callable, ctx: Any, tasks: Iterable) -> Iterator:
+        """``fn(ctx, task)`` for each task, yielded in task order, at most 2 tasks per worker in flight."""
+        if self.executor is None:
+            yield from (fn(ctx, task) for task in tasks)
+            return
+        pending: collections.deque[cf.Future] = collections.deque()
+        try:
+            for task in tasks:
+                pending.append(self.executor.submit(fn, ctx, task))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
     def map(self, fn: Callable, ctx: Context, tasks: Iterable, on_result: Callable) -> None:
         if self.executor is None:
             for task in tasks:
@@ -1026,6 +1053,40 @@ class PhaseStats:
     examples: list[str] = field(default_factory=list)
     reused: int = 0
     computed: int = 0
+    next_line: dict[int, int] = field(default_factory=dict)  # per source: file line after the last chunk
+
+    def add(self, result: ChunkResult, sources: list[Source]) -> None:
+        """Counts one chunk's lines and bad rows; chunks must come in order (examples get file lines)."""
+        source = sources[result.source]
+        start = result.first_line if result.first_line is not None else self.next_line.get(
+            result.source, source.header_lines + 1)
+        for bad in result.examples:
+            if len(self.examples) < MAX_EXAMPLES:
+                self.examples.append(replace(bad, line=start + bad.line).describe(source.path))
+        self.next_line[result.source] = start + result.lines
+        self.lines += result.lines
+        for kind, n in result.errors.items():
+            self.errors[kind] += n
+        self.bad = sum(self.errors.values())
+
+    def check(self, max_bad_fraction: float) -> None:
+        """PreprocessError when more than ``max_bad_fraction`` of the lines were malformed."""
+        if self.lines and self.bad / self.lines > max_bad_fraction:
+            raise PreprocessError(
+                f"{self.bad:,} of {self.lines:,} lines are malformed ({self.bad / self.lines:.2%} > "
+                f"max_bad_fraction {max_bad_fraction:.2%}); by kind {self.errors}; first: "
+                + "; ".join(self.examples)
+            )
+
+
+def bad_input_error(e: BadInput, sources: list[Source]) -> PreprocessError:
+    """The strict-mode error for a bad row, as ``file:line:column``."""
+    source = sources[e.chunk.source]
+    line = _resolve_line(e.chunk, source, e.bad.line)
+    column = source.columns.index(e.bad.column) + 1 if e.bad.column in source.columns else "-"
+    return PreprocessError(
+        f"{source.path}:{line}:{column}: {e.bad.kind} error in column {e.bad.column!r}: {e.bad.value!r}"
+    )
 
 
 def _run_chunks(
@@ -1063,35 +1124,14 @@ def _run_chunks(
     try:
         pool.map(fn, ctx, todo(), progress)
     except BadInput as e:
-        source = sources[e.chunk.source]
-        line = _resolve_line(e.chunk, source, e.bad.line)
-        column = source.columns.index(e.bad.column) + 1 if e.bad.column in source.columns else "-"
-        raise PreprocessError(
-            f"{source.path}:{line}:{column}: {e.bad.kind} error in column {e.bad.column!r}: {e.bad.value!r}"
-        ) from None
+        raise bad_input_error(e, sources) from None
     finally:
         bar.close()
 
     ordered = [results[k] for k in sorted(results)]
-    first_line: dict[int, int] = {}
     for result in ordered:
-        source = sources[result.source]
-        start = result.first_line if result.first_line is not None else first_line.get(
-            result.source, source.header_lines + 1)
-        for bad in result.examples:
-            if len(stats.examples) < MAX_EXAMPLES:
-                stats.examples.append(replace(bad, line=start + bad.line).describe(source.path))
-        first_line[result.source] = start + result.lines
-        stats.lines += result.lines
-        for kind, n in result.errors.items():
-            stats.errors[kind] += n
-    stats.bad = sum(stats.errors.values())
-    if stats.lines and stats.bad / stats.lines > ctx.settings.max_bad_fraction:
-        raise PreprocessError(
-            f"{stats.bad:,} of {stats.lines:,} lines are malformed ({stats.bad / stats.lines:.2%} > "
-            f"max_bad_fraction {ctx.settings.max_bad_fraction:.2%}); by kind {stats.errors}; first: "
-            + "; ".join(stats.examples)
-        )
+        stats.add(result, sources)
+    stats.check(ctx.settings.max_bad_fraction)
     with_rows = {r.source for r in ordered if r.good}
     for index, source in enumerate(sources):
         if index not in with_rows:

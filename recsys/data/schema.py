@@ -29,6 +29,8 @@ class Schema:
     ``columns`` names every column in file order; it is required when the file has no header and, when it
     has one, must match the header. Columns that are neither label, dense nor sparse are ignored (e.g. a
     row id). ``multi_hot`` maps a sparse feature to the separator between its values within a field.
+    ``id_column`` names a row-id column that training ignores and ``recsys predict`` copies next to each
+    score. ``label`` is empty only in the copy ``recsys.serving`` makes for unlabelled input.
     """
 
     name: str
@@ -45,6 +47,11 @@ class Schema:
     sparse_mode: str = "vocab"
     min_count: int = 1
     hash_buckets: Union[int, dict[str, int]] = 1_000_000
+    id_column: str = ""
+
+    def used_columns(self) -> list[str]:
+        """What parsing reads: the label (when set), dense and sparse columns."""
+        return ([self.label] if self.label else []) + [*self.dense, *self.sparse]
 
     def kind(self, feature: str) -> str:
         return self.kinds.get(feature, self.sparse_kind)
@@ -69,6 +76,9 @@ class Schema:
             seen.add(name)
             if self.columns and name not in self.columns:
                 raise ConfigError(f"schema {self.name}: {name!r} is not one of its columns {self.columns}")
+        if self.id_column and (self.id_column in seen or (self.columns and self.id_column not in self.columns)):
+            raise ConfigError(f"schema {self.name}: id_column {self.id_column!r} must be a column that is not "
+                              "the label or a feature")
         for key, names in (("kinds", self.kinds), ("multi_hot", self.multi_hot)):
             for name in names:
                 if name not in self.sparse:

@@ -1,0 +1,190 @@
+"""Raw rows -> model inputs with training's own parsing and transforms (``recsys.data.preprocess``).
+
+No torch here: ``recsys predict``'s worker processes import this module (they fork from preprocessing's
+light fork server). Everything that decides a value -- parsing and its bad-row rules, the dense transform,
+id hashing, the vocabulary lookup with its missing and OOV rows -- is preprocessing's code; this module only
+feeds it serving input: files without the label column, in-memory lines and DataFrames.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import polars as pl
+
+from recsys.data.preprocess import (
+    OOV_ID,
+    Chunk,
+    ChunkResult,
+    Columns,
+    PreprocessError,
+    Source,
+    _chunk_result,
+    _is_gzip,
+    _open_text_stream,
+    _read_chunk,
+    encode,
+    map_columns,
+    parse_chunk,
+)
+from recsys.data.schema import Schema
+
+# Separator used to hand a DataFrame to the parser: the ASCII unit separator, never part of a log token.
+FRAME_DELIMITER = "\x1f"
+
+
+class ServingInputError(ValueError):
+    """Input that cannot be scored as a whole (a missing column, an unreadable file); names what is wrong."""
+
+
+@dataclass
+class Preprocessing:
+    """What turns raw rows into model inputs: the training schema (columns, dense transform, sparse mode,
+    hash buckets) and, in vocab mode, the folder of vocabulary lookups (``<feature>.lookup.npy``)."""
+
+    schema: Schema
+    vocab_dir: str | None
+
+    def for_rows(self, labelled: bool) -> Preprocessing:
+        """This preprocessing for rows with or without the label column (the label column dropped)."""
+        if labelled:
+            return self
+        schema = self.schema
+        return replace(self, schema=replace(schema, label="", columns=[c for c in schema.columns if c != schema.label]))
+
+
+@dataclass
+class Rows:
+    """Transformed rows of one chunk of input.
+
+    ``columns``: labels [N] (-1 without a label column), dense [N, F_dense] float32, sparse [N, F_one_hot]
+    int32 table rows, multi-hot (values, lengths); ``line`` [N]: the chunk-local line of each row (bad rows
+    are left out); ``ids`` [N]: the schema's id column, or None; ``result``: line and bad-row counts;
+    ``oov`` [F_sparse]: ids that went to the OOV row (unseen or rarer than ``min_count``), per feature.
+    """
+
+    columns: Columns
+    line: np.ndarray
+    ids: pl.Series | None
+    result: ChunkResult
+    oov: np.ndarray
+
+
+def has_label(first_line: bytes, schema: Schema) -> bool:
+    """Whether rows shaped like ``first_line`` (a header for header schemas) carry the label column."""
+    fields = first_line.rstrip(b"\r\n").decode("utf-8", errors="replace").split(schema.delimiter)
+    if schema.header:
+        return schema.label in fields
+    return len(fields) != len(schema.columns) - 1
+
+
+def input_preprocessing(paths: list[str], prep: Preprocessing) -> Preprocessing:
+    """The preprocessing for these files: with or without the label, which every file must agree on."""
+    labelled = set()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise PreprocessError(f"{path}: no such input file")
+        with _open_text_stream(Source(path, None, gzip=_is_gzip(path))) as fh:
+            try:
+                labelled.add(has_label(fh.readline(), prep.schema))
+            except (EOFError, OSError) as e:
+                raise PreprocessError(f"{path}: unreadable: {e}") from None
+    if len(labelled) > 1:
+        raise PreprocessError(f"the inputs mix files with and without the label column {prep.schema.label!r}")
+    return prep.for_rows(labelled.pop() if labelled else True)
+
+
+def oov_counts(columns: Columns, schema: Schema) -> np.ndarray:
+    """[F_sparse] ids on the OOV row per feature (vocab mode; hashed features have no OOV row)."""
+    if schema.sparse_mode != "vocab":
+        return np.zeros(len(schema.sparse), dtype=np.int64)
+    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
+    counts = {name: int((columns.sparse[:, j] == OOV_ID).sum()) for j, name in enumerate(one_hot)}
+    counts.update({name: int((values == OOV_ID).sum()) for name, (values, _) in columns.multi.items()})
+    return np.array([counts[name] for name in schema.sparse], dtype=np.int64)
+
+
+def _row_ids(data: bytes, line: np.ndarray, source: Source, schema: Schema) -> pl.Series:
+    column = source.columns.index(schema.id_column)
+    lines = pl.Series(data.decode("utf-8", errors="replace").split("\n"))
+    return lines.gather(line).str.split(schema.delimiter).list.get(column).str.strip_chars("\r").alias(schema.id_column)
+
+
+def transform(data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, strict: bool) -> Rows:
+    """Parses, checks and transforms whole lines exactly as ``recsys preprocess`` does (bad rows dropped
+    and counted, or ``BadInput`` with ``strict``), then maps ids to table rows."""
+    started = time.perf_counter()
+    schema = prep.schema
+    parsed = parse_chunk(data, source, schema, chunk, strict)
+    columns = map_columns(encode(parsed, schema), schema, prep.vocab_dir)
+    ids = _row_ids(data, parsed.line, source, schema) if schema.id_column else None
+    result = _chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
+    return Rows(columns, parsed.line, ids, result, oov_counts(columns, schema))
+
+
+@dataclass
+class FileJob:
+    """What a ``recsys predict`` worker needs besides its chunk (pickled with each task)."""
+
+    prep: Preprocessing
+    sources: list[Source]
+    strict: bool
+
+
+def transform_task(job: FileJob, chunk: Chunk) -> Rows:
+    source = job.sources[chunk.source]
+    return transform(_read_chunk(chunk, source), source, chunk, job.prep, job.strict)
+
+
+def text_rows(rows: str | bytes | list, prep: Preprocessing) -> tuple[bytes, Source, Preprocessing]:
+    """Raw log lines (one string with newlines, or a list of lines) -> (bytes, source, preprocessing).
+
+    Lines follow the schema's column order, with or without the label column; a header schema's lines
+    may start with the header, which then gives the column order.
+    """
+    if isinstance(rows, (list, tuple)):
+        rows = "".join(r if r.endswith("\n") else r + "\n" for r in (x.decode() if isinstance(x, bytes) else x for x in rows))
+    data = rows.encode() if isinstance(rows, str) else bytes(rows)
+    schema = prep.schema
+    first, _, rest = data.partition(b"\n")
+    fields = first.rstrip(b"\r").decode("utf-8", errors="replace").split(schema.delimiter)
+    if schema.header and all(c in fields for c in schema.dense + schema.sparse):
+        prep = prep.for_rows(schema.label in fields)
+        return rest, Source("<rows>", None, columns=fields), prep
+    if not schema.columns:
+        raise ServingInputError(f"schema {schema.name} lists no columns: start the lines with a header, or pass a DataFrame")
+    prep = prep.for_rows(not data or has_label(first, schema))
+    return data, Source("<rows>", None, columns=prep.schema.columns), prep
+
+
+def frame_rows(frame: pl.DataFrame, prep: Preprocessing) -> tuple[bytes, Source, Preprocessing]:
+    """A DataFrame with the schema's feature columns (and optionally the label) -> (bytes, source,
+    preprocessing) for :func:`transform`.
+
+    Float dense values that are NaN or infinite become missing, as an empty field would be; multi-hot
+    columns may be lists. Raises ServingInputError naming missing columns.
+    """
+    prep = prep.for_rows(prep.schema.label in frame.columns)
+    schema = prep.schema
+    needed = schema.used_columns()
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
+        raise ServingInputError(f"input lacks column(s) {missing}; schema {schema.name} needs {needed}")
+    exprs = []
+    for name in needed:
+        col, dtype = pl.col(name), frame.schema[name]
+        if name in schema.dense and dtype.is_float():
+            col = pl.when(col.is_finite()).then(col)
+        elif name in schema.multi_hot and isinstance(dtype, pl.List):
+            col = col.list.eval(pl.element().cast(pl.Utf8)).list.join(schema.multi_hot[name])
+        exprs.append(col.cast(pl.Utf8))
+    text = frame.select(exprs)
+    for name in needed:
+        if text[name].str.contains(f"[{FRAME_DELIMITER}\n]").any():
+            raise ServingInputError(f"column {name!r} holds a value with a newline or \\x1f")
+    data = text.write_csv(separator=FRAME_DELIMITER, include_header=False, quote_style="never", null_value="").encode()
+    prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, header=False, columns=needed))
+    return data, Source("<frame>", None, columns=needed), prep
