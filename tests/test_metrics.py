@@ -1,0 +1,89 @@
+"""CTR metrics: GAUC against a brute-force definition, calibration, reliability, 2 ranks = 1 rank."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.distributed.local import run_local
+from recsys.metrics import CTRMetrics, group_auc
+
+
+def brute_force_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a random positive > that of a random negative), ties counting one half."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return wins / (len(pos) * len(neg))
+
+
+def test_group_auc_is_the_impression_weighted_mean_of_per_group_aucs() -> None:
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 30, 2000) * 7919  # sparse ids
+    labels = (rng.random(2000) < 0.3).astype(np.int64)
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounded: many ties
+    total, weight = 0.0, 0
+    for g in np.unique(groups):
+        mine = groups == g
+        if 0 < labels[mine].sum() < mine.sum():
+            total += brute_force_auc(scores[mine], labels[mine]) * mine.sum()
+            weight += mine.sum()
+    assert group_auc(groups, scores, labels) == pytest.approx(total / weight, abs=1e-12)
+    shuffled = rng.permutation(2000)
+    assert group_auc(groups[shuffled], scores[shuffled], labels[shuffled]) == pytest.approx(total / weight, abs=1e-12)
+
+
+def test_group_auc_skips_one_class_groups_and_is_nan_without_any() -> None:
+    groups = np.array([1, 1, 1, 2, 2, 3])
+    labels = np.array([1, 0, 0, 1, 1, 0])
+    scores = np.array([0.9, 0.1, 0.95, 0.5, 0.4, 0.3])
+    assert group_auc(groups, scores, labels) == pytest.approx(0.5)  # only group 1 counts
+    assert math.isnan(group_auc(groups[3:], scores[3:], labels[3:]))
+
+
+def test_calibration_and_reliability_buckets() -> None:
+    metrics = CTRMetrics()
+    probs = torch.tensor([0.11, 0.11, 0.13, 0.91, 0.97, 0.999])
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    metrics.update(torch.logit(probs), labels)
+    assert metrics.compute()["calibration"] == pytest.approx(probs.sum().item() / 3, rel=1e-6)
+    buckets = metrics.reliability()  # 20 equal-width buckets; the last one is closed at 1
+    assert buckets["low"] == pytest.approx([0.10, 0.90, 0.95]) and buckets["high"] == pytest.approx([0.15, 0.95, 1.0])
+    assert buckets["rows"] == [3, 1, 2] and buckets["observed"] == pytest.approx([1 / 3, 1.0, 0.5])
+    assert buckets["predicted"] == pytest.approx([0.35 / 3, 0.91, (0.97 + 0.999) / 2], rel=1e-5)
+
+
+def rows_for_test() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(1000, generator=generator) < 0.25).long()
+    logits = torch.randn(1000, generator=generator) + labels
+    groups = torch.randint(0, 40, (1000,), generator=generator) + (1 << 40)  # beyond float32's exact range
+    return logits, labels, groups
+
+
+def metrics_of_share(share: slice | None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics over ``rows_for_test()`` when this rank updates with its share (uneven: 700 / 300 rows)."""
+    from recsys.distributed.env import init_distributed
+
+    env = init_distributed("cpu")
+    logits, labels, groups = rows_for_test()
+    part = share if share is not None else (slice(0, 700) if env.rank == 0 else slice(700, None))
+    metrics = CTRMetrics(grouped=True)
+    for lo in range(part.start or 0, part.stop or 1000, 128):  # several batches per rank
+        hi = min(lo + 128, part.stop or 1000)
+        metrics.update(logits[lo:hi], labels[lo:hi], groups[lo:hi])
+    return metrics.compute(), metrics.reliability()
+
+
+def test_two_ranks_give_the_metrics_of_one() -> None:
+    (one,) = run_local(metrics_of_share, 1, slice(0, 1000))
+    two = run_local(metrics_of_share, 2, None)
+    assert two[0] == two[1]
+    for key, value in one[0].items():
+        assert two[0][0][key] == pytest.approx(value, abs=1e-6), key
+    for key, values in one[1].items():
+        assert two[0][1][key] == pytest.approx(values, abs=1e-9), key
+    logits, labels, groups = rows_for_test()
+    assert one[0]["gauc"] == pytest.approx(group_auc(groups.numpy(), logits.numpy(), labels.numpy()), abs=1e-12)
