@@ -13,10 +13,11 @@ from recsys.config import ConfigError
 def _generate(args: argparse.Namespace) -> int:
     from recsys.data.synthetic import SyntheticSpec, generate_splits
 
-    oracle = generate_splits(args.out, args.rows, SyntheticSpec(seed=args.seed))
+    oracle = generate_splits(args.out, args.rows, SyntheticSpec(seed=args.seed, num_users=args.users))
     print(f"wrote {args.rows:,} rows to {args.out}/{{train,val,test}}.tsv")
     for split, values in oracle.items():
-        print(f"  {split}: rows={values['rows']:,} ctr={values['ctr']:.4f} best achievable auc={values['auc']:.4f} logloss={values['logloss']:.4f}")
+        gauc = f" gauc={values['gauc']:.4f}" if "gauc" in values else ""
+        print(f"  {split}: rows={values['rows']:,} ctr={values['ctr']:.4f} best achievable auc={values['auc']:.4f} logloss={values['logloss']:.4f}{gauc}")
     return 0
 
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--rows", type=int, default=1_000_000, help="total rows over all splits")
     gen.add_argument("--out", default="data/synthetic", help="output folder")
     gen.add_argument("--seed", type=int, default=0, help="seed of the planted model and the draws")
+    gen.add_argument("--users", type=int, default=0,
+                     help="add a 41st column: a user id among N, with a per-user click bias (for GAUC)")
     gen.set_defaults(func=_generate)
 
     from recsys.data.preprocess import add_arguments

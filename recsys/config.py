@@ -44,6 +44,12 @@ class DataConfig:
     shuffle: bool = True
     drop_last: bool = False
     prefetch_batches: int = 2
+    # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
+    # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
+    negative_downsampling: float = 1.0
+    # Column whose raw ids group rows for GAUC (e.g. a user id): a schema's `group` in shards, or an extra
+    # last column of a TSV (`recsys generate --users N`). Empty = no GAUC.
+    group_column: str = ""
 
 
 @dataclass

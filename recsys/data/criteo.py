@@ -19,26 +19,54 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 @dataclass
 class ArrayData:
-    """labels [N] int64, dense [N, F_dense] float32 (transformed), sparse [N, F_sparse] int64 table rows."""
+    """labels [N] int64, dense [N, F_dense] float32 (transformed), sparse [N, F_sparse] int64 table rows,
+    groups [N] int64 raw group ids (or None)."""
 
     labels: np.ndarray
     dense: np.ndarray
     sparse: np.ndarray
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, rows: np.ndarray) -> "ArrayData":
+        groups = None if self.groups is None else self.groups[rows]
+        return ArrayData(self.labels[rows], self.dense[rows], self.sparse[rows], groups)
+
+
+@dataclass
+class GroupedBatch(Batch):
+    """A Batch that also carries each row's group id for GAUC: groups [B] int64 (raw ids of
+    ``data.group_column``). Only evaluation builds these."""
+
+    groups: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "GroupedBatch":
+        moved = super().to(device, non_blocking)
+        return GroupedBatch(**vars(moved), groups=self.groups.to(device=device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "GroupedBatch":
+        return GroupedBatch(**vars(super().pin_memory()), groups=self.groups.pin_memory())
+
 
 def load_criteo_tsv(
-    path: str | Path, dense_features: list[str], sparse_features: list[str], num_embeddings: list[int]
+    path: str | Path,
+    dense_features: list[str],
+    sparse_features: list[str],
+    num_embeddings: list[int],
+    group_column: str = "",
 ) -> ArrayData:
-    """Parses a Criteo-layout TSV (label, dense ints, hex ids; empty = missing).
+    """Parses a Criteo-layout TSV (label, dense ints, hex ids; empty = missing), plus a last column of
+    decimal group ids when ``group_column`` names it.
 
     Dense values become ``log1p(max(x, 0))`` (missing -> 0); hex ids are hashed into each feature's table
     by ``id mod num_embeddings`` (missing -> row 0).
     """
-    names = ["label", *dense_features, *sparse_features]
-    schema = {"label": pl.Int64, **{n: pl.Int64 for n in dense_features}, **{n: pl.Utf8 for n in sparse_features}}
+    groups = [group_column] if group_column else []
+    names = ["label", *dense_features, *sparse_features, *groups]
+    schema = {"label": pl.Int64, **{n: pl.Int64 for n in dense_features}, **{n: pl.Utf8 for n in sparse_features},
+              **{n: pl.Int64 for n in groups}}  # fmt: skip
     try:
         frame = pl.read_csv(path, separator="\t", has_header=False, new_columns=names, schema=schema)
     except (pl.exceptions.ComputeError, pl.exceptions.ShapeError) as e:
@@ -59,12 +87,8 @@ def load_criteo_tsv(
         labels=frame["label"].to_numpy().astype(np.int64),
         dense=np.ascontiguousarray(dense, dtype=np.float32),
         sparse=np.ascontiguousarray(sparse, dtype=np.int64),
+        groups=frame[group_column].to_numpy().astype(np.int64) if group_column else None,
     )
-
-
-def one_hot_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, keys: list[str]) -> Batch:
-    """A Batch from one-hot rows: dense [B, F_d], sparse ids [B, F_s], labels [B]."""
-    return make_batch(dense, labels, keys, sparse)
 
 
 def make_batch(
@@ -73,18 +97,23 @@ def make_batch(
     keys: list[str],
     one_hot: np.ndarray,
     multi_hot: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    groups: np.ndarray | None = None,
 ) -> Batch:
     """A Batch from rows: dense [B, F_d], labels [B], ``one_hot`` ids [B, F_1] of the keys not in
-    ``multi_hot``, in key order; ``multi_hot`` maps a key to (values [L], lengths [B]).
+    ``multi_hot``, in key order; ``multi_hot`` maps a key to (values [L], lengths [B]). With ``groups``
+    ([B] group ids) a GroupedBatch.
 
     The KJT is key-major: for each key in ``keys``, the B rows' values; ids become int64.
     """
     values, lengths = jagged_ids(keys, one_hot, multi_hot)
-    return Batch(
+    batch = Batch(
         dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
         sparse_features=KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=lengths),
         labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
     )
+    if groups is None:
+        return batch
+    return GroupedBatch(**vars(batch), groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)))
 
 
 def jagged_ids(
@@ -128,12 +157,13 @@ def iterate_batches(
     epoch: int = 0,
     drop_last: bool = False,
     start_batch: int = 0,
+    with_groups: bool = False,
 ) -> Iterator[Batch]:
     """Yields this rank's local batches of size ``batch_size`` from the global batch sequence.
 
     Global batch ``s`` is rows ``[s*B*W, (s+1)*B*W)`` of the (epoch-seeded) permutation; rank r takes its
     r-th slice of B rows, so W processes see exactly the batches one process with batch B*W would see.
-    ``start_batch`` skips already-trained batches when resuming.
+    ``start_batch`` skips already-trained batches when resuming. ``with_groups`` yields GroupedBatches.
     """
     n = len(data)
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
@@ -143,7 +173,8 @@ def iterate_batches(
         rows = order[step * global_batch : (step + 1) * global_batch]
         lo, hi = rank_bounds(len(rows), rank, world_size)
         local = rows[lo:hi]
-        yield one_hot_batch(data.dense[local], data.sparse[local], data.labels[local], keys)
+        groups = data.groups[local] if with_groups else None
+        yield make_batch(data.dense[local], data.labels[local], keys, data.sparse[local], groups=groups)
 
 
 def num_batches(rows: int, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:

@@ -326,7 +326,7 @@ class Parsed:
     line: np.ndarray
     labels: np.ndarray  # [N] int8
     dense: np.ndarray  # [N, F_dense] float64, NaN = missing
-    sparse: dict[str, pl.Series]  # parsed tokens (Int64 or Utf8, null = missing); multi-hot: lists
+    sparse: dict[str, pl.Series]  # parsed tokens of the id columns (Int64 or Utf8, null = missing); multi-hot: lists
     errors: dict[str, int]
     examples: list[BadRow]
 
@@ -357,14 +357,14 @@ def _token_expr(col: pl.Expr, kind: str) -> pl.Expr:
 
 def _sparse_tokens(frame: pl.DataFrame, schema: Schema) -> dict[str, pl.Series]:
     exprs = []
-    for name in schema.sparse:
+    for name in schema.id_columns:
         kind = schema.kind(name)
         if name in schema.multi_hot:
             items = pl.col(name).str.split(schema.multi_hot[name])
             exprs.append(items.list.eval(_token_expr(pl.element(), kind)))
         else:
             exprs.append(_token_expr(pl.col(name), kind))
-    return dict(zip(schema.sparse, frame.select(exprs).get_columns()))
+    return dict(zip(schema.id_columns, frame.select(exprs).get_columns()))
 
 
 def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
@@ -488,7 +488,7 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         bad_any |= bad
         dense[:, j] = values
     sparse: dict[str, pl.Series] = {}
-    for name in schema.sparse:
+    for name in schema.id_columns:
         tokens = all_tokens[name]
         if schema.kind(name) != "string":
             if name in schema.multi_hot:
@@ -601,12 +601,14 @@ def transform_dense(dense: np.ndarray, transform: str) -> np.ndarray:
 @dataclass
 class Columns:
     """Rows in the shard layout: labels [N] int8, dense [N, Fd] float32, sparse [N, F1] and, per multi-hot
-    feature, values [L] and lengths [N] int32. Ids are int64 keys in chunk parts, int32 rows in shards."""
+    feature, values [L] and lengths [N] int32. Ids are int64 keys in chunk parts, int32 rows in shards.
+    ``groups`` [N] int64: raw keys of the schema's group column (never mapped), or None."""
 
     labels: np.ndarray
     dense: np.ndarray
     sparse: np.ndarray
     multi: dict[str, tuple[np.ndarray, np.ndarray]]
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -616,12 +618,15 @@ class Columns:
         for name, (values, lengths) in self.multi.items():
             offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             multi[name] = (values[gather_ranges(offsets[rows], lengths[rows])], lengths[rows])
-        return Columns(self.labels[rows], self.dense[rows], self.sparse[rows], multi)
+        groups = None if self.groups is None else self.groups[rows]
+        return Columns(self.labels[rows], self.dense[rows], self.sparse[rows], multi, groups)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"labels": self.labels, "dense": self.dense, "sparse": self.sparse}
         for name, (values, lengths) in self.multi.items():
             out[f"{name}.values"], out[f"{name}.lengths"] = values, lengths
+        if self.groups is not None:
+            out["groups"] = self.groups
         return out
 
 
@@ -646,7 +651,8 @@ def encode(parsed: Parsed, schema: Schema) -> Columns:
         lists = parsed.sparse[name]
         lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int32)
         multi[name] = (token_keys(lists.explode().drop_nulls(), schema.kind(name)), lengths)
-    return Columns(parsed.labels, transform_dense(parsed.dense, schema.dense_transform), sparse, multi)
+    groups = token_keys(parsed.sparse[schema.group], schema.kind(schema.group)) if schema.group else None
+    return Columns(parsed.labels, transform_dense(parsed.dense, schema.dense_transform), sparse, multi, groups)
 
 
 def _train_counts(parsed: Parsed, train_rows: np.ndarray, schema: Schema) -> pl.DataFrame:
@@ -782,7 +788,7 @@ def map_columns(columns: Columns, schema: Schema, vocab_dir: str | None) -> Colu
     sparse = np.ascontiguousarray(sparse.T)
     multi = {name: (map_keys(values, name, schema, vocab_dir), lengths)
              for name, (values, lengths) in columns.multi.items()}
-    return Columns(columns.labels, columns.dense, sparse, multi)
+    return Columns(columns.labels, columns.dense, sparse, multi, columns.groups)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -812,9 +818,9 @@ def _read_rows(path: Path, start: int, count: int) -> np.ndarray:
     return data.reshape((count, *shape[1:]))
 
 
-def _read_segment(part: Path, split: str, start: int, count: int, multi: list[str]) -> Columns:
+def _read_segment(part: Path, split: str, start: int, count: int, multi: list[str], grouped: bool) -> Columns:
     read = lambda array: _read_rows(part / f"{split}.{array}.npy", start, count)  # noqa: E731
-    columns = Columns(read("labels"), read("dense"), read("sparse"), {})
+    columns = Columns(read("labels"), read("dense"), read("sparse"), {}, read("groups") if grouped else None)
     for name in multi:
         all_lengths = np.load(part / f"{split}.{name}.lengths.npy")
         begin = int(all_lengths[:start].sum(dtype=np.int64))
@@ -830,8 +836,9 @@ def _concat(pieces: list[Columns]) -> Columns:
                np.concatenate([p.multi[name][1] for p in pieces]))
         for name in pieces[0].multi
     }
+    groups = np.concatenate([p.groups for p in pieces]) if pieces[0].groups is not None else None
     return Columns(*(np.concatenate([getattr(p, a) for p in pieces]) for a in ("labels", "dense", "sparse")),
-                   multi)
+                   multi, groups)
 
 
 def file_checksum(path: Path) -> str:
@@ -863,7 +870,8 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     if record is not None:
         return {**record, "reused": True}
     multi = list(ctx.schema.multi_hot)
-    pieces = [_read_segment(Path(p), task.split, s, n, multi) for p, s, n in task.segments]
+    grouped = bool(ctx.schema.group)
+    pieces = [_read_segment(Path(p), task.split, s, n, multi, grouped) for p, s, n in task.segments]
     if ctx.schema.sparse_mode == "vocab":
         pieces = [map_columns(piece, ctx.schema, ctx.vocab_dir) for piece in pieces]
     columns = _concat(pieces)
@@ -934,7 +942,7 @@ def plan_workers(settings: Settings, schema: Schema) -> int:
     """Workers that fit ``max_memory_gb`` at the chunk and shard sizes (PreprocessError if none)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     wanted = settings.workers if settings.workers > 0 else cores
-    row_bytes = 1 + 4 * len(schema.dense) + 4 * len(schema.sparse) + 4 * 8 * len(schema.multi_hot)
+    row_bytes = 1 + 4 * len(schema.dense) + 4 * len(schema.sparse) + 4 * 8 * len(schema.multi_hot) + 8 * bool(schema.group)
     per_worker = WORKER_BASE_BYTES + max(
         WORKER_BYTES_PER_INPUT_BYTE * settings.chunk_bytes,
         WORKER_BYTES_PER_SHARD_ROW_BYTE * settings.shard_rows * row_bytes,
@@ -1190,7 +1198,8 @@ def run(settings: Settings, schema: Schema) -> dict:
         "schema": schema.to_dict(),
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress",)},
         "inputs": [{"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "gzip": s.gzip} for s in sources],
-        "features": {"dense": schema.dense, "sparse": schema.sparse, "multi_hot": list(schema.multi_hot)},
+        "features": {"dense": schema.dense, "sparse": schema.sparse, "multi_hot": list(schema.multi_hot),
+                     "group": schema.group or None},
         "table_sizes": table_sizes,
         "ids": ({"missing": MISSING_ID, "oov": OOV_ID, "first": FIRST_VOCAB_ID} if vocab_stats else
                 {"rule": "id mod hash_buckets (hex/int), polars hash mod hash_buckets (string); missing -> 0"}),

@@ -31,6 +31,8 @@ class Schema:
     row id). ``multi_hot`` maps a sparse feature to the separator between its values within a field.
     ``id_column`` names a row-id column that training ignores and ``recsys predict`` copies next to each
     score. ``label`` is empty only in the copy ``recsys.serving`` makes for unlabelled input.
+    ``group`` names a column (a user id, say; it may also be a sparse feature) whose raw ids are kept per
+    row in ``groups.npy`` for GAUC; ``kinds`` may give its kind.
     """
 
     name: str
@@ -48,10 +50,16 @@ class Schema:
     min_count: int = 1
     hash_buckets: Union[int, dict[str, int]] = 1_000_000
     id_column: str = ""
+    group: str = ""
+
+    @property
+    def id_columns(self) -> list[str]:
+        """Columns parsed as ids: the sparse features, then the group column if it is not one of them."""
+        return self.sparse + ([self.group] if self.group and self.group not in self.sparse else [])
 
     def used_columns(self) -> list[str]:
-        """What parsing reads: the label (when set), dense and sparse columns."""
-        return ([self.label] if self.label else []) + [*self.dense, *self.sparse]
+        """What parsing reads: the label (when set), dense columns and id columns."""
+        return ([self.label] if self.label else []) + [*self.dense, *self.id_columns]
 
     def kind(self, feature: str) -> str:
         return self.kinds.get(feature, self.sparse_kind)
@@ -68,7 +76,7 @@ class Schema:
             raise ConfigError(f"schema {self.name}: duplicate names in 'columns'")
         if not self.sparse:
             raise ConfigError(f"schema {self.name}: needs at least one sparse feature")
-        used = [self.label, *self.dense, *self.sparse]
+        used = [self.label, *self.dense, *self.id_columns]
         seen: set[str] = set()
         for name in used:
             if name in seen:
@@ -79,11 +87,15 @@ class Schema:
         if self.id_column and (self.id_column in seen or (self.columns and self.id_column not in self.columns)):
             raise ConfigError(f"schema {self.name}: id_column {self.id_column!r} must be a column that is not "
                               "the label or a feature")
-        for key, names in (("kinds", self.kinds), ("multi_hot", self.multi_hot)):
-            for name in names:
-                if name not in self.sparse:
-                    raise ConfigError(f"schema {self.name}: {key}.{name}: not a sparse feature")
-        for name in self.sparse:
+        for name in self.kinds:
+            if name not in self.id_columns:
+                raise ConfigError(f"schema {self.name}: kinds.{name}: neither a sparse feature nor the group column")
+        for name in self.multi_hot:
+            if name not in self.sparse:
+                raise ConfigError(f"schema {self.name}: multi_hot.{name}: not a sparse feature")
+        if self.group in self.multi_hot:
+            raise ConfigError(f"schema {self.name}: the group column {self.group!r} cannot be multi-hot")
+        for name in self.id_columns:
             if self.kind(name) not in SPARSE_KINDS:
                 raise ConfigError(f"schema {self.name}: kind of {name!r} must be one of {list(SPARSE_KINDS)}")
         for name, sep in self.multi_hot.items():

@@ -43,11 +43,12 @@ def is_shard_split(path: str | Path) -> bool:
 class _Shard:
     """One ``part-NNNNN`` folder, memory-mapped."""
 
-    def __init__(self, path: Path, rows: int, multi_hot: list[str]) -> None:
+    def __init__(self, path: Path, rows: int, multi_hot: list[str], grouped: bool) -> None:
         try:
             self.labels = np.load(path / "labels.npy", mmap_mode="r")
             self.dense = np.load(path / "dense.npy", mmap_mode="r")
             self.sparse = np.load(path / "sparse.npy", mmap_mode="r")
+            self.groups = np.load(path / "groups.npy", mmap_mode="r") if grouped else None
             self.multi = {
                 name: (np.load(path / f"{name}.values.npy", mmap_mode="r"),
                        np.load(path / f"{name}.lengths.npy", mmap_mode="r"))
@@ -61,6 +62,7 @@ class _Shard:
         self.offsets: dict[str, np.ndarray] = {}
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+        """labels, dense, sparse and multi-hot (values, lengths) of ``rows``."""
         multi = {}
         for name, (values, lengths) in self.multi.items():
             if name not in self.offsets:  # [rows + 1] int64, built on first use
@@ -73,8 +75,9 @@ class _Shard:
 class ShardedSplit:
     """One split of a preprocessed dataset.
 
-    Attributes: ``dense_features``, ``sparse_features``, ``multi_hot`` (names), ``table_sizes`` (rows per
-    sparse feature, from the vocabularies or hash buckets), ``metadata`` (the whole ``metadata.json``).
+    Attributes: ``dense_features``, ``sparse_features``, ``multi_hot`` (names), ``group`` (the column whose
+    raw ids each shard keeps in ``groups.npy``, or None), ``table_sizes`` (rows per sparse feature, from the
+    vocabularies or hash buckets), ``metadata`` (the whole ``metadata.json``).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -92,14 +95,22 @@ class ShardedSplit:
         self.dense_features: list[str] = features["dense"]
         self.sparse_features: list[str] = features["sparse"]
         self.multi_hot: list[str] = features["multi_hot"]
+        self.group: str | None = features.get("group")
         self.table_sizes = [int(self.metadata["table_sizes"][f]) for f in self.sparse_features]
         info = self.metadata["splits"][self.name]
-        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot) for s in info["shards"]]
+        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot, bool(self.group)) for s in info["shards"]]
         self.sizes = np.array([s["rows"] for s in info["shards"]], dtype=np.int64)
         self.rows = int(self.sizes.sum())
+        self.kept: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.rows
+
+    def restrict(self, kept: list[np.ndarray]) -> None:
+        """From now on every epoch draws only the local rows ``kept[k]`` (sorted) of shard k."""
+        self.kept = kept
+        self.sizes = np.array([len(rows) for rows in kept], dtype=np.int64)
+        self.rows = int(self.sizes.sum())
 
     def _epoch_pieces(self, shuffle: bool, seed: int, epoch: int, skip: int) -> Iterator[tuple[int, np.ndarray]]:
         """(shard, local rows) runs of the epoch's permutation, from position ``skip`` on."""
@@ -110,12 +121,14 @@ class ShardedSplit:
                 skip -= n
                 continue
             rows = np.random.default_rng([seed, epoch, int(k)]).permutation(n) if shuffle else np.arange(n)
+            if self.kept is not None:
+                rows = self.kept[k][rows]
             yield int(k), rows[skip:]
             skip = 0
 
     def _local_batches(
         self, batch_size: int, rank: int, world_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-        drop_last: bool = False, start_batch: int = 0,
+        drop_last: bool = False, start_batch: int = 0, with_groups: bool = False,
     ) -> Iterator[Batch]:  # fmt: skip
         global_batch = batch_size * world_size
         steps = num_batches(self.rows, batch_size, world_size, drop_last)
@@ -128,14 +141,13 @@ class ShardedSplit:
                 pending.append(next(pieces))
                 have += len(pending[-1][1])
             lo, hi = rank_bounds(size, rank, world_size)
-            yield self._gather(_take_span(pending, lo, hi))
+            yield self._gather(_take_span(pending, lo, hi), with_groups)
             pending = _drop_front(pending, size)
 
-    def _gather(self, segments: list[tuple[int, np.ndarray]]) -> Batch:
+    def _gather(self, segments: list[tuple[int, np.ndarray]], with_groups: bool) -> Batch:
+        if not segments:
+            segments = [(0, np.zeros(0, dtype=np.int64))]
         parts = [self.shards[k].gather(rows) for k, rows in segments]
-        if not parts:
-            empty = self.shards[0].gather(np.zeros(0, dtype=np.int64))
-            parts = [empty]
         labels = np.concatenate([p[0] for p in parts])
         dense = np.concatenate([p[1] for p in parts])
         sparse = np.concatenate([p[2] for p in parts])
@@ -143,13 +155,14 @@ class ShardedSplit:
             name: (np.concatenate([p[3][name][0] for p in parts]), np.concatenate([p[3][name][1] for p in parts]))
             for name in self.multi_hot
         }
+        groups = np.concatenate([self.shards[k].groups[rows] for k, rows in segments]) if with_groups else None
         # sparse.npy holds the one-hot features' columns in key order, which is what make_batch expects.
-        return make_batch(dense, labels, self.sparse_features, sparse, multi)
+        return make_batch(dense, labels, self.sparse_features, sparse, multi, groups)
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2, **order: Any) -> Iterator[Batch]:
         """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
-        background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last and
-        start_batch, as in ``criteo.iterate_batches``."""
+        background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last,
+        start_batch and with_groups, as in ``criteo.iterate_batches``."""
         batches = self._local_batches(batch_size, rank, world_size, **order)
         return prefetched(batches, prefetch) if prefetch > 0 else batches
 
@@ -246,6 +259,10 @@ def dataset_config(config: Config) -> Config:
         if Path(path).name not in meta["splits"]:
             raise ConfigError(f"data.{key}={path}: the dataset has splits {list(meta['splits'])}")
     features = meta["features"]
+    if data.group_column and data.group_column != features.get("group"):
+        raise ConfigError(f"data.group_column={data.group_column!r} but the shards of {data.train} keep "
+                          f"{'no group column' if not features.get('group') else repr(features['group'])}: "
+                          "name it as `group` in the preprocessing schema")
     resolved = dataclasses.replace(
         config,
         data=dataclasses.replace(data, dense_features=list(features["dense"]),

@@ -8,6 +8,9 @@ Rows look like Criteo's raw TSV: ``label, I1..I13, C1..C26``, integers (some neg
 with Zipf-distributed ids, so a model that learns shows it, and since every row's true click probability is
 known the best achievable AUC/logloss can be reported next to the model's (``oracle.json``).
 
+With ``num_users`` > 0 every row also gets a user id, written as a 41st column, and the user's own bias
+joins the logit, so GAUC grouped by user differs from AUC; without users the rows are unchanged.
+
 Per-id parameters are not stored: they are derived from a counter-based hash of (seed, feature, id), so
 any vocabulary size costs no memory and every chunk of rows is reproducible on its own.
 """
@@ -21,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from recsys.metrics import group_auc
 
 # Vocabulary sizes with the spread of Criteo's 26 categorical features (a few tiny, several huge).
 DEFAULT_VOCAB = [
@@ -65,6 +70,8 @@ class SyntheticSpec:
     dense_missing: float = 0.2
     sparse_missing: float = 0.05
     seed: int = 0
+    num_users: int = 0
+    user_std: float = 0.5
 
     @property
     def num_sparse(self) -> int:
@@ -87,7 +94,8 @@ def generate_chunk(spec: SyntheticSpec, chunk_index: int, rows: int) -> dict[str
     """Draws ``rows`` rows; the same (spec, chunk_index) always gives the same rows.
 
     Returns arrays: label [N] int8, dense [N, num_dense] float64 with NaN = missing (integers otherwise),
-    tokens [N, num_sparse] uint32 hex ids, sparse_missing [N, num_sparse] bool, prob [N] float64.
+    tokens [N, num_sparse] uint32 hex ids, sparse_missing [N, num_sparse] bool, prob [N] float64, and with
+    users user [N] int64.
     """
     rng = np.random.default_rng([spec.seed, chunk_index])
     n = rows
@@ -116,14 +124,20 @@ def generate_chunk(spec: SyntheticSpec, chunk_index: int, rows: int) -> dict[str
         latent_sum += v
         latent_sq += v * v
     logit += 0.5 * (latent_sum**2 - latent_sq).sum(axis=1)
+    users = {}
+    if spec.num_users:
+        # Their own stream: every other column stays as without users.
+        users["user"] = np.random.default_rng([spec.seed, chunk_index, 1]).integers(0, spec.num_users, n)
+        logit += _hash_normal(spec.seed, 20_000, users["user"], 0) * spec.user_std
 
     prob = 1.0 / (1.0 + np.exp(-logit))
     label = (rng.random(n) < prob).astype(np.int8)
-    return {"label": label, "dense": dense, "tokens": tokens, "sparse_missing": missing, "prob": prob}
+    return {"label": label, "dense": dense, "tokens": tokens, "sparse_missing": missing, "prob": prob, **users}
 
 
 def format_rows(chunk: dict[str, np.ndarray]) -> str:
-    """Criteo TSV text for a chunk: label, ints (empty when missing), 8-hex ids (empty when missing)."""
+    """Criteo TSV text for a chunk: label, ints (empty when missing), 8-hex ids (empty when missing), then
+    the decimal user id when the chunk has users."""
     columns: list[list[str]] = [chunk["label"].astype(str).tolist()]
     dense = chunk["dense"]
     for j in range(dense.shape[1]):
@@ -136,10 +150,13 @@ def format_rows(chunk: dict[str, np.ndarray]) -> str:
         uniq, inverse = np.unique(tokens[:, f], return_inverse=True)
         text = np.array([f"{t:08x}" for t in uniq.tolist()])[inverse]
         columns.append(np.where(missing[:, f], "", text).tolist())
+    if "user" in chunk:
+        columns.append(chunk["user"].astype(str).tolist())
     return "".join("\t".join(row) + "\n" for row in zip(*columns))
 
 
-def oracle_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def oracle_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | None = None) -> dict[str, float]:
+    """AUC, logloss, NE (and GAUC by user when given) of the true probabilities."""
     order = np.argsort(probs, kind="mergesort")
     ranks = np.empty(len(probs))
     ranks[order] = np.arange(1, len(probs) + 1)
@@ -154,7 +171,10 @@ def oracle_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     logloss = float(-(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean())
     ctr = float(labels.mean())
     entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
-    return {"rows": int(len(labels)), "ctr": ctr, "auc": float(auc), "logloss": logloss, "ne": logloss / entropy}
+    metrics = {"rows": int(len(labels)), "ctr": ctr, "auc": float(auc), "logloss": logloss, "ne": logloss / entropy}
+    if users is not None:
+        metrics["gauc"] = group_auc(users, probs, labels)
+    return metrics
 
 
 def generate_splits(
@@ -179,7 +199,7 @@ def generate_splits(
     oracle: dict[str, dict[str, float]] = {}
     chunk_index = 0
     for name, count in counts.items():
-        labels, probs = [], []
+        labels, probs, users = [], [], []
         tmp = out / f".{name}.tsv.tmp"
         with open(tmp, "w") as fh:
             done = 0
@@ -189,10 +209,12 @@ def generate_splits(
                 fh.write(format_rows(chunk))
                 labels.append(chunk["label"])
                 probs.append(chunk["prob"])
+                users += [chunk["user"]] if spec.num_users else []
                 chunk_index += 1
                 done += n
         os.replace(tmp, out / f"{name}.tsv")
-        oracle[name] = oracle_metrics(np.concatenate(labels), np.concatenate(probs))
+        oracle[name] = oracle_metrics(np.concatenate(labels), np.concatenate(probs),
+                                      np.concatenate(users) if users else None)
     meta = {"spec": asdict(spec), "splits": counts, "oracle": oracle}
     tmp = out / ".oracle.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))

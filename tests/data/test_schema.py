@@ -21,7 +21,7 @@ def test_shipped_schema_loads(path: Path):
     schema = load_schema(path)
     assert schema.name == path.stem
     assert load_schema(path.stem) == schema
-    used = [schema.label, *schema.dense, *schema.sparse]
+    used = [schema.label, *schema.dense, *schema.id_columns]
     assert set(used) <= set(schema.columns)
 
 
@@ -43,6 +43,10 @@ BASE = {"name": "t", "delimiter": ",", "header": False, "columns": ["y", "x", "c
         ({"hash_buckets": 0}, r"hash_buckets must be in \[1, 2\*\*31\)"),
         ({"columns": []}, "needs 'columns'"),
         ({"min_count": "ten"}, "min_count: expected an integer"),
+        ({"group": "y"}, "'y' is used more than once"),
+        ({"group": "u"}, "'u' is not one of its columns"),
+        ({"group": "c", "multi_hot": {"c": "|"}}, "group column 'c' cannot be multi-hot"),
+        ({"kinds": {"x": "int"}}, "kinds.x: neither a sparse feature nor the group column"),
     ],
 )
 def test_bad_schema(change, message):
