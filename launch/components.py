@@ -11,7 +11,7 @@ image built from the ``Dockerfile``) or on Slurm (``-s slurm``)::
 ``train`` is TorchX's ``dist.ddp`` (torchrun under torchelastic) running ``python -m recsys.cli train``.
 On top of ``dist.ddp`` it exposes torchelastic's in-place group restarts (``--max_restarts``: a lost
 worker costs a restart from the last checkpoint, not the run) and prefixes every log line with the
-worker's global rank. ``evaluate`` scores the latest checkpoint of a run the same way.
+worker's global rank. ``evaluate`` scores a checkpoint of a run (the best, else the latest) the same way.
 """
 
 # No `from __future__ import annotations`: TorchX reads the parameter types at runtime to parse arguments.
@@ -141,6 +141,7 @@ def train(
 def evaluate(
     *config_and_overrides: str,
     split: str = "test",
+    checkpoint: str = "",
     nnodes: int = 1,
     nproc_per_node: int = 1,
     image: str = DEFAULT_IMAGE,
@@ -153,7 +154,7 @@ def evaluate(
     rdzv_port: int = 29500,
     name: str = "recsys/eval",
 ) -> specs.AppDef:
-    """Scores the latest checkpoint of a run (``recsys eval``) on the val or test split.
+    """Scores a checkpoint of a run (``recsys eval``; the best, else the latest) on the val or test split.
 
     The checkpoint is resharded on load, so any number of workers can evaluate a run trained on another.
 
@@ -161,6 +162,8 @@ def evaluate(
         config_and_overrides: the config the run was trained with, then section.key=value overrides,
             after ``--``
         split: val or test
+        checkpoint: latest, best or a checkpoint path (default: the best if early stopping marked one,
+            else the latest)
         nnodes: number of nodes
         nproc_per_node: worker processes per node
         image: container image with recsys installed; ignored by local_cwd
@@ -175,7 +178,8 @@ def evaluate(
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be val or test, got {split!r}")
-    args = (*config_and_overrides, f"--split={split}") if config_and_overrides else ()
+    chosen = (f"--checkpoint={checkpoint}",) if checkpoint else ()
+    args = (*config_and_overrides, f"--split={split}", *chosen) if config_and_overrides else ()
     return _recsys(
         "eval", args, name=name, nnodes=nnodes,
         nproc_per_node=nproc_per_node, min_nnodes=0, image=image, cpu=cpu, gpu=gpu, memMB=memMB, h=h,

@@ -4,14 +4,16 @@ by a different number of ranks (DCP reshards on load: save on 2 ranks, resume on
 
 A checkpoint holds the model (sharded tables + dense parameters), the optimizer (fused FBGEMM state of
 the table shards + dense optimizer state), the training progress (step, epoch, global batch index within
-the epoch, global batch size) and each rank's RNG state.
+the epoch, global batch size, and the early-stopping and plateau state: named ints and floats) and each
+rank's RNG state.
 
 ``run_dir`` may be a local path or any fsspec URL (``s3://``, ``gs://``, ``file://``, ...): local paths go
 through DCP's ``FileSystemWriter``, URLs through its ``FsspecWriter``. Layout under
 ``<run_dir>/checkpoints``: ``step_00001000/`` (a DCP checkpoint) and ``latest`` (the name of the newest
 complete one). A checkpoint is written to ``step_N.tmp``, renamed when every rank has finished, and only
 then does ``latest`` move to it; a crash at any point leaves ``latest`` naming the previous complete
-checkpoint. The newest ``keep_last`` checkpoints are kept.
+checkpoint. The newest ``keep_last`` checkpoints are kept, and the one named by ``best`` (the best
+validation under early stopping), which is never pruned.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer
 
 LATEST = "latest"
-PROGRESS_KEYS = ("step", "epoch", "batch_in_epoch", "global_batch_size")
+BEST = "best"
 
 
 class CheckpointMismatch(ValueError):
@@ -109,11 +111,11 @@ def _reader(path: str) -> StorageReader:
     return dcp.FileSystemReader(local) if isinstance(fs, LocalFileSystem) else FsspecReader(path)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """Path of the newest complete checkpoint, or None."""
+def _pointed(run_dir: str, pointer_name: str) -> str | None:
+    """Path of the complete checkpoint a pointer file (``latest``, ``best``) names, or None."""
     root = checkpoint_root(run_dir)
     fs, local_root = _fs(root)
-    pointer = posixpath.join(local_root, LATEST)
+    pointer = posixpath.join(local_root, pointer_name)
     if not fs.exists(pointer):
         return None
     name = fs.cat_file(pointer).decode().strip()
@@ -123,11 +125,38 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return posixpath.join(root, name)
 
 
-def _init_dense_optimizer_state(optimizer: CombinedOptimizer) -> None:
+def latest_checkpoint(run_dir: str) -> str | None:
+    """Path of the newest complete checkpoint, or None."""
+    return _pointed(run_dir, LATEST)
+
+
+def best_checkpoint(run_dir: str) -> str | None:
+    """Path of the checkpoint marked best (early stopping's best validation), or None."""
+    return _pointed(run_dir, BEST)
+
+
+def resolve_checkpoint(run_dir: str, which: str | None = None) -> str:
+    """``latest``, ``best``, a checkpoint path, or None: the best checkpoint if there is one, else the
+    latest. Raises FileNotFoundError naming what is missing."""
+    if which in (None, BEST, LATEST):
+        found = {BEST: best_checkpoint(run_dir), LATEST: latest_checkpoint(run_dir)}
+        path = found[which] if which else found[BEST] or found[LATEST]
+        if path is None:
+            what = "checkpoint marked best (train with early_stopping.enabled)" if which == BEST else "checkpoint"
+            raise FileNotFoundError(f"no {what} in {checkpoint_root(run_dir)}")
+        return path
+    fs, local = _fs(which)
+    if not fs.exists(posixpath.join(local, ".metadata")):
+        raise FileNotFoundError(f"{which} is not a complete checkpoint (no .metadata)")
+    return which
+
+
+def _init_lazy_optimizer_state(optimizer: CombinedOptimizer) -> None:
     # Dense optimizers create their state lazily; loading in place needs it to exist. The fused FBGEMM
-    # optimizer's state exists from construction.
+    # optimizer's state exists from construction. A dense optimizer under the learning-rate schedule
+    # (WarmupOptimizer) holds only the schedule's step counter until its first step.
     for _, opt in optimizer.optimizers:
-        if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+        if len(opt.state) < len(opt.params):
             opt.init_state()
 
 
@@ -149,9 +178,15 @@ def _rank() -> int:
 
 
 def save_checkpoint(
-    run_dir: str, model: nn.Module, optimizer: CombinedOptimizer, progress: dict[str, int], keep_last: int = 3
+    run_dir: str,
+    model: nn.Module,
+    optimizer: CombinedOptimizer,
+    progress: dict[str, int | float],
+    keep_last: int = 3,
+    best: bool = False,
 ) -> str:
-    """Saves model, optimizer, training progress and RNG state; every rank must call this.
+    """Saves model, optimizer, training progress and RNG state; every rank must call this. ``best`` marks
+    it as the run's best checkpoint.
 
     Returns the checkpoint path.
     """
@@ -167,7 +202,8 @@ def save_checkpoint(
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "progress": {k: torch.tensor(v) for k, v in progress.items()},
+        "progress": {k: torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64)
+                     for k, v in progress.items()},
         f"rng_rank{_rank()}": _rng_state(),
     }
     dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
@@ -177,40 +213,52 @@ def save_checkpoint(
         if fs.exists(final):
             fs.rm(final, recursive=True)
         fs.mv(tmp, final, recursive=True)  # os.rename on a local disk: atomic
-        pointer = posixpath.join(local_root, LATEST)
-        fs.pipe_file(f"{pointer}.tmp", name.encode())
-        fs.mv(f"{pointer}.tmp", pointer)  # the commit point
+        for pointer in [LATEST, BEST] if best else [LATEST]:
+            _write_pointer(fs, posixpath.join(local_root, pointer), name)  # the commit point
         _prune(fs, local_root, keep_last, name)
     _barrier()
     return posixpath.join(root, name)
 
 
+def _write_pointer(fs: fsspec.AbstractFileSystem, pointer: str, name: str) -> None:
+    fs.pipe_file(f"{pointer}.tmp", name.encode())
+    fs.mv(f"{pointer}.tmp", pointer)
+
+
 def _prune(fs: fsspec.AbstractFileSystem, root: str, keep_last: int, latest: str) -> None:
-    """Keeps the newest ``keep_last`` complete checkpoints; drops leftovers of interrupted saves."""
+    """Keeps the newest ``keep_last`` complete checkpoints and the best; drops leftovers of interrupted
+    saves."""
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
     done = [n for n in names if n.startswith("step_") and not n.endswith(".tmp")]
     stale = [n for n in names if n.startswith("step_") and n.endswith(".tmp")]
-    for old in [n for n in done[:-keep_last] if n != latest] + stale:
+    best_pointer = posixpath.join(root, BEST)
+    keep = {latest, fs.cat_file(best_pointer).decode().strip() if fs.exists(best_pointer) else None}
+    for old in [n for n in done[:-keep_last] if n not in keep] + stale:
         fs.rm(posixpath.join(root, old), recursive=True)
 
 
 def load_checkpoint(
     path: str, model: nn.Module, optimizer: CombinedOptimizer, global_batch_size: int | None = None
-) -> dict[str, int]:
-    """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress.
+) -> dict[str, int | float]:
+    """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress (ints
+    and floats as saved).
 
     ``global_batch_size`` (batch per rank x ranks) must equal the saved one when given: the data position
     is a global batch index, meaningful only for the global batch it was counted in.
     """
-    _init_dense_optimizer_state(optimizer)
+    _init_lazy_optimizer_state(optimizer)
     saved = _reader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "progress": {k: torch.tensor(0) for k in PROGRESS_KEYS if f"progress.{k}" in saved},
+        "progress": {
+            key.split(".", 1)[1]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in saved.items()
+            if key.startswith("progress.")
+        },
     }
     dcp.load(state, storage_reader=_reader(path))
-    progress = {k: int(v) for k, v in state["progress"].items()}
+    progress = {k: v.item() for k, v in state["progress"].items()}
     saved_batch = progress.get("global_batch_size")
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
         raise CheckpointMismatch(

@@ -44,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.train import evaluate_checkpoint
 
-    result = evaluate_checkpoint(load_config(args.config, args.overrides), args.split)
+    result = evaluate_checkpoint(load_config(args.config, args.overrides), args.split, args.checkpoint)
     print(json.dumps(result))
     return 0
 
@@ -58,7 +58,8 @@ def _export(args: argparse.Namespace) -> int:
     config = dataset_config(load_config(args.config, args.overrides))
     out = args.out or f"{config.training.run_dir}/export"
     try:
-        manifest = export_model(config, table_sizes(config), out, quantize=args.quantize, onnx=args.onnx)
+        manifest = export_model(config, table_sizes(config), out, args.checkpoint, quantize=args.quantize,
+                                onnx=args.onnx)
     except ExportError as e:
         print(f"recsys export: error: {e}", file=sys.stderr)
         return 2
@@ -122,6 +123,13 @@ def _config_command(sub: Any, name: str, config_help: str, **kwargs: str) -> arg
     return parser
 
 
+def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint", default=None, metavar="latest|best|PATH",
+        help="which checkpoint of training.run_dir (default: the one early stopping marked best, else the latest)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML config, e.g. configs/synthetic.yaml",
         help="train DeepFM from a YAML config",
         description="Trains, evaluating on the val split every training.eval_every_steps and at each epoch "
-        "end, checkpointing into training.run_dir (and resuming from its latest checkpoint), then reports "
-        "val and test AUC/logloss/NE. Run under torchrun/torchx for several processes.",
+        "end (and stopping early with early_stopping.enabled), checkpointing into training.run_dir (and "
+        "resuming from its latest checkpoint), then reports val and test metrics and draws run_dir/plots/. "
+        "Run under torchrun/torchx for several processes.",
     )
     tr.set_defaults(func=_train)
 
@@ -167,18 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "eval",
         "the YAML config the run was trained with",
-        help="evaluate the latest checkpoint of a run",
-        description="Loads the latest checkpoint in training.run_dir and prints AUC/logloss/NE on a split.",
+        help="evaluate a checkpoint of a run (the best, else the latest)",
+        description="Loads a checkpoint of training.run_dir (the one early stopping marked best, else the "
+        "latest, or --checkpoint) and prints AUC/logloss/NE/calibration (and GAUC with data.group_column) on "
+        "a split, with predictions corrected for negative downsampling.",
     )
     ev.add_argument("--split", choices=["val", "test"], default="test")
+    _checkpoint_option(ev)
     ev.set_defaults(func=_eval)
 
     ex = _config_command(
         sub,
         "export",
         "the YAML config the run was trained with",
-        help="export the latest checkpoint as a self-contained serving folder",
-        description="Reassembles sharded tables from the latest checkpoint into an unsharded DeepFM and "
+        help="export a checkpoint (the best, else the latest) as a self-contained serving folder",
+        description="Reassembles sharded tables from a checkpoint (the one early stopping marked best, else the "
+        "latest, or --checkpoint) into an unsharded DeepFM and "
         "writes, atomically, OUT/model.pt (TorchScript: forward(dense, KJT) and score_tensors(dense, values, "
         "lengths) -> probabilities), OUT/manifest.json (versions, checkpoint, metrics, features, "
         "preprocessing), OUT/vocab/ (vocab mode) and OUT/config.yaml.",
@@ -190,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", action="store_true",
                     help="also write OUT/model.onnx (whole model, or the dense part when the tables exceed 1 GiB), "
                     "checked with onnxruntime against TorchScript")
+    _checkpoint_option(ex)
     ex.set_defaults(func=_export)
 
     from recsys.data.preprocess import Settings

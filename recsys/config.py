@@ -1,9 +1,9 @@
 """Typed run configuration: YAML files in configs/ loaded into plain dataclasses.
 
-A config has six sections (data, model, optimizer, training, sharding, logging). Files are read with
-``yaml.safe_load``; ``key.sub=value`` overrides from the command line are applied on top (the value is
-parsed as YAML, so ``model.deep_layers=[64,32]`` and ``training.epochs=2`` work). Unknown keys and wrong
-types fail with a ``ConfigError`` that names the key and lists the valid ones.
+A config has nine sections (data, model, loss, optimizer, schedule, training, early_stopping, sharding,
+logging). Files are read with ``yaml.safe_load``; ``key.sub=value`` overrides from the command line are
+applied on top (the value is parsed as YAML, so ``model.deep_layers=[64,32]`` and ``training.epochs=2``
+work). Unknown keys and wrong types fail with a ``ConfigError`` that names the key and lists the valid ones.
 """
 
 from __future__ import annotations
@@ -77,6 +77,21 @@ class ModelConfig:
 
 
 @dataclass
+class LossConfig:
+    """Training loss on the logits: BCE, optionally class-weighted, or focal loss (Lin et al., 2017).
+
+    ``pos_weight`` multiplies the positives' terms (both losses). Focal: ``(1 - p_t)^focal_gamma`` scales
+    each row's BCE; ``focal_alpha`` in [0, 1] weights positives by alpha and negatives by 1 - alpha, and a
+    negative value leaves the classes unweighted (torchvision's convention).
+    """
+
+    name: str = "bce"
+    pos_weight: float = 1.0
+    focal_gamma: float = 2.0
+    focal_alpha: float = -1.0
+
+
+@dataclass
 class OptimizerConfig:
     """Sparse (embedding) parameters use a fused FBGEMM optimizer applied in backward; dense ones Adam."""
 
@@ -89,6 +104,29 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: one factor per step multiplies the base rate of each optimizer in
+    ``apply_to`` (``optimizer.dense_lr``, ``optimizer.sparse_lr``), through TorchRec's WarmupOptimizer.
+
+    ``name``: constant; cosine / linear (from 1 down to ``min_factor`` at the last step); step
+    (``step_gamma`` every ``step_size`` steps); plateau (``plateau_factor`` after ``plateau_patience``
+    validations without improvement of ``early_stopping.monitor``, down to ``min_factor``). Decays count
+    steps from the start of the run; the first ``warmup_steps`` ramp linearly from
+    ``warmup_start_factor`` to the decayed factor.
+    """
+
+    name: str = "constant"
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.0
+    min_factor: float = 0.0
+    step_size: int = 0
+    step_gamma: float = 0.1
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    apply_to: list[str] = field(default_factory=lambda: ["dense", "sparse"])
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = 1
     max_steps: int = -1
@@ -98,6 +136,19 @@ class TrainingConfig:
     run_dir: str = "runs/default"
     resume: bool = True
     keep_last_checkpoints: int = 3
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when ``monitor`` on the val split has not improved by more than ``min_delta`` for ``patience``
+    validations in a row (every ``training.eval_every_steps`` and each epoch end). The best validation's
+    checkpoint is marked ``best`` (never pruned); eval and export default to it, and the final val/test
+    metrics are the best model's. ``monitor`` is also what ``schedule.name=plateau`` watches."""
+
+    enabled: bool = False
+    monitor: str = "auc"
+    patience: int = 2
+    min_delta: float = 0.0
 
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
@@ -147,8 +198,11 @@ class LoggingConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -160,6 +214,9 @@ CHOICES = {
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.mlp_precision": ("float32", "bfloat16"),
+    "loss.name": ("bce", "focal"),
+    "schedule.name": ("constant", "cosine", "linear", "step", "plateau"),
+    "early_stopping.monitor": ("auc", "logloss", "gauc"),
     "optimizer.sparse": ("adagrad", "rowwise_adagrad", "adam", "sgd"),
     "optimizer.dense": ("adam", "adagrad", "sgd"),
     "sharding.compute_device": ("auto", "cpu", "cuda"),
@@ -325,7 +382,51 @@ def validate(config: Config) -> None:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
     if config.training.keep_last_checkpoints < 1:
         raise ConfigError("training.keep_last_checkpoints must be at least 1")
+    if not 0.0 < data.negative_downsampling <= 1.0:
+        raise ConfigError("data.negative_downsampling must be in (0, 1] (the fraction of negatives kept)")
+    _validate_recipe(config)
     _validate_sharding(config)
+
+
+# FBGEMM fuses every table of a kernel into one module with a single learning rate (set from the fused
+# optimizer's param_groups[0]["lr"] at each zero_grad/step), so a schedule reaches all sparse tables or none.
+SCHEDULE_TARGETS = ("dense", "sparse")
+
+
+def _validate_recipe(config: Config) -> None:
+    loss, schedule, stopping = config.loss, config.schedule, config.early_stopping
+    if loss.pos_weight <= 0:
+        raise ConfigError("loss.pos_weight must be positive")
+    if loss.focal_gamma < 0:
+        raise ConfigError("loss.focal_gamma must be >= 0")
+    if loss.focal_alpha > 1:
+        raise ConfigError("loss.focal_alpha must be in [0, 1], or negative for no class weighting")
+    for target in schedule.apply_to:
+        if target not in SCHEDULE_TARGETS:
+            raise ConfigError(
+                f"schedule.apply_to: {target!r} is not one of {list(SCHEDULE_TARGETS)}; FBGEMM keeps one "
+                "learning rate for all tables fused into a kernel, so a schedule cannot single out tables"
+            )
+    if schedule.warmup_steps < 0:
+        raise ConfigError("schedule.warmup_steps must be >= 0")
+    for key in ("warmup_start_factor", "min_factor"):
+        if not 0.0 <= getattr(schedule, key) <= 1.0:
+            raise ConfigError(f"schedule.{key} must be in [0, 1]")
+    if schedule.name == "step" and schedule.step_size <= 0:
+        raise ConfigError("schedule.name=step needs schedule.step_size > 0 (steps between decays)")
+    if not 0.0 < schedule.step_gamma <= 1.0:
+        raise ConfigError("schedule.step_gamma must be in (0, 1]")
+    if not 0.0 < schedule.plateau_factor < 1.0:
+        raise ConfigError("schedule.plateau_factor must be in (0, 1)")
+    if schedule.plateau_patience < 1:
+        raise ConfigError("schedule.plateau_patience must be at least 1")
+    if stopping.patience < 1:
+        raise ConfigError("early_stopping.patience must be at least 1")
+    if stopping.min_delta < 0:
+        raise ConfigError("early_stopping.min_delta must be >= 0")
+    watched = stopping.enabled or schedule.name == "plateau"
+    if watched and stopping.monitor == "gauc" and not config.data.group_column:
+        raise ConfigError("early_stopping.monitor=gauc needs data.group_column (the column GAUC groups by)")
 
 
 def _validate_sharding(config: Config) -> None:

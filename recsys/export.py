@@ -1,7 +1,7 @@
 """Export a trained model for serving: one self-contained folder, written atomically.
 
-The chosen checkpoint (by default the latest; possibly written by many ranks, with tables split across
-them) is loaded into an unsharded DeepFM with torch.distributed.checkpoint, which reassembles every table.
+The chosen checkpoint (by default the best one early stopping marked, else the latest; possibly written by
+many ranks, with tables split across them) is loaded into an unsharded DeepFM with torch.distributed.checkpoint, which reassembles every table.
 The folder holds everything needed to score raw logs without the training data or config:
 
     EXPORT/
@@ -49,7 +49,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import recsys
-from recsys.checkpoint import latest_checkpoint, read_tensors
+from recsys.checkpoint import read_tensors, resolve_checkpoint
 from recsys.config import Config
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import load_schema, schema_from_dict
@@ -283,25 +283,26 @@ def export_model(
     checkpoint: str | None = None,
     quantize: str | None = None,
     onnx: bool = False,
-    negative_sampling_rate: float = 1.0,
+    negative_sampling_rate: float | None = None,
     onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
 ) -> dict[str, Any]:
     """Writes the export folder ``out_dir`` (see the module docstring) and returns its manifest.
 
-    ``checkpoint``: a checkpoint path; None takes the run's latest (the one place the choice is made).
+    ``checkpoint``: ``latest``, ``best`` or a checkpoint path; None takes the run's best if early stopping
+    marked one, else its latest (``recsys.checkpoint.resolve_checkpoint``).
     ``quantize``: None (fp32), "int8" or "int4"; the manifest then compares size and test AUC with fp32.
-    ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all); the served
-    probabilities are corrected for it.
+    ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
+    ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
+    if negative_sampling_rate is None:
+        negative_sampling_rate = config.data.negative_downsampling
     if quantize is not None and quantize not in QUANTIZE:
         raise ExportError(f"--quantize must be one of {sorted(QUANTIZE)}, got {quantize!r}")
     if not 0 < negative_sampling_rate <= 1:
         raise ExportError(f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}")
     out = Path(out_dir)
     _check_destination(out)
-    checkpoint = checkpoint or latest_checkpoint(config.training.run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"no checkpoint in {config.training.run_dir}/checkpoints to export")
+    checkpoint = resolve_checkpoint(config.training.run_dir, checkpoint)
     started = time.perf_counter()
     model = load_unsharded(config, table_sizes, checkpoint)
     schema, vocab = serving_preprocessing(config, table_sizes)

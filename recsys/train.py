@@ -3,7 +3,9 @@
 Read top to bottom, ``train()`` is the whole job. It runs unchanged as one process (``recsys train``) or
 as N ranks under torchrun/TorchX: every run joins a process group, the planner places the tables and
 ``DistributedModelParallel`` shards them, and ``TrainPipelineSparseDist`` overlaps the next batch's input
-distribution with the current batch's compute.
+distribution with the current batch's compute. Around the loop: the learning-rate schedule
+(``recsys.schedule``), early stopping with a ``best`` checkpoint (``recsys.early_stopping``), negative
+downsampling with calibrated evaluation (``recsys.data.sampling``) and the run's plots (``recsys.plots``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from recsys.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from recsys.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from recsys.config import Config
 from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
+from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit, dataset_config, is_shard_split, split_batches
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
 from recsys.distributed.sharding import build_optimizer, shard_model
+from recsys.early_stopping import EarlyStopping
+from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.plots import write_plots
+from recsys.schedule import Schedule
 
 
 def seed_everything(seed: int) -> None:
@@ -58,13 +65,18 @@ def load_split(config: Config, path: str) -> ArrayData | ShardedSplit:
     """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory."""
     if is_shard_split(path):
         return ShardedSplit(path)
-    return load_criteo_tsv(path, config.data.dense_features, config.data.sparse_features, table_sizes(config))
+    data = config.data
+    return load_criteo_tsv(path, data.dense_features, data.sparse_features, table_sizes(config), data.group_column)
 
 
 def load_splits(config: Config) -> Splits:
+    """The run's splits; the train split's negatives are downsampled when ``data.negative_downsampling`` < 1."""
     data = config.data
-    return Splits(load_split(config, data.train), load_split(config, data.val),
-                  load_split(config, data.test) if data.test else None)
+    splits = Splits(load_split(config, data.train), load_split(config, data.val),
+                    load_split(config, data.test) if data.test else None)
+    if data.negative_downsampling < 1:
+        splits.train = downsample_negatives(splits.train, data.negative_downsampling, config.training.seed)
+    return splits
 
 
 class RunLogger:
@@ -80,13 +92,17 @@ class RunLogger:
             self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
     def log(self, stage: str, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        """Scalars, to both metrics.jsonl and TensorBoard."""
+        self.event(stage, step, **values)
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def event(self, stage: str, step: int, **fields: object) -> None:
+        """Any JSON fields (a stop reason, a reliability diagram), to metrics.jsonl only."""
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"stage": stage, "step": step, **fields}) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
@@ -102,16 +118,30 @@ def global_mean(value: float, device: torch.device) -> float:
     return float(tensor) / dist.get_world_size()
 
 
+@dataclass
+class Evaluation:
+    """``metrics``: AUC, logloss, NE, CTR, rows, calibration (+ GAUC); ``reliability``: per bucket of
+    predicted CTR, the mean prediction and the observed CTR (see ``CTRMetrics.reliability``)."""
+
+    metrics: dict[str, float]
+    reliability: dict[str, list[float]]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterator[Batch], device: torch.device) -> dict[str, float]:
-    """AUC / logloss / NE over every batch on every rank (metrics sync across the process group)."""
+def evaluate(
+    model: torch.nn.Module, batches: Iterator[Batch], device: torch.device, logit_shift: float = 0.0,
+    grouped: bool = False,
+) -> Evaluation:  # fmt: skip
+    """Metrics over every batch on every rank (they sync across the process group). ``logit_shift`` is
+    added to every logit first (the downsampling correction); ``grouped`` batches carry GAUC's groups."""
     was_training = model.training
     model.eval()
-    metrics = CTRMetrics(device)
+    metrics = CTRMetrics(device, grouped)
     for batch in batches:
-        _, (_, logits, labels) = model(batch.to(device))
-        metrics.update(logits, labels)
-    result = metrics.compute()
+        batch = batch.to(device)
+        _, (_, logits, labels) = model(batch)
+        metrics.update(logits + logit_shift, labels, batch.groups if grouped else None)
+    result = Evaluation(metrics.compute(), metrics.reliability())
     model.train(was_training)
     return result
 
@@ -121,6 +151,7 @@ class Job:
     """Everything a run needs, built the same way for training and for evaluating a checkpoint.
 
     ``config`` is the run's config resolved against the data (features and table sizes of shard folders).
+    ``max_steps`` is the run's length (``training.max_steps``, else its epochs), which the schedule spans.
     """
 
     config: Config
@@ -128,6 +159,9 @@ class Job:
     splits: Splits
     model: DistributedModelParallel
     optimizer: CombinedOptimizer
+    schedule: Schedule
+    steps_per_epoch: int
+    max_steps: int
 
 
 def build_job(config: Config) -> Job:
@@ -135,30 +169,41 @@ def build_job(config: Config) -> Job:
     env = init_distributed(config.sharding.compute_device)
     seed_everything(config.training.seed)
     splits = load_splits(config)
+    data, cfg_train = config.data, config.training
+    steps_per_epoch = num_batches(len(splits.train), data.batch_size, env.world_size, data.drop_last)
+    max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
+    schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
     model = build_deepfm(config, table_sizes(config), device="meta")
-    dmp = shard_model(DeepFMTrain(model), config, env)
-    return Job(config, env, splits, dmp, build_optimizer(dmp, config))
+    dmp = shard_model(DeepFMTrain(model, build_loss(config.loss)), config, env)
+    optimizer = build_optimizer(dmp, config, schedule.wrap)
+    return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
 
 
 def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
     data = config.data
     return split_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size,
-                         data.prefetch_batches)
+                         data.prefetch_batches, with_groups=bool(data.group_column))
 
 
-def evaluate_checkpoint(config: Config, split: str = "test") -> dict[str, float]:
-    """Metrics of the latest checkpoint in ``training.run_dir`` on the val or test split."""
-    job = build_job(config)
+def evaluate_job(job: Job, split: ArrayData | ShardedSplit, model: torch.nn.Module | None = None) -> Evaluation:
+    """The job's model (or ``model``, e.g. the pipeline's) on ``split``, with the downsampling correction."""
     config = job.config
-    path = latest_checkpoint(config.training.run_dir)
-    if path is None:
-        raise FileNotFoundError(f"no checkpoint in {config.training.run_dir}/checkpoints")
-    load_checkpoint(path, job.model, job.optimizer)
+    batches = eval_batches(config, job.env, split)
+    shift = logit_correction(config.data.negative_downsampling)
+    model = model if model is not None else job.model
+    return evaluate(model, batches, job.env.device, shift, grouped=bool(config.data.group_column))
+
+
+def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | None = None) -> dict[str, float]:
+    """Metrics of a checkpoint of ``training.run_dir`` (``latest``, ``best``, a path; by default the best
+    if early stopping marked one, else the latest) on the val or test split."""
+    job = build_job(config)
+    load_checkpoint(resolve_checkpoint(job.config.training.run_dir, checkpoint), job.model, job.optimizer)
     data = getattr(job.splits, split)
     if data is None:
         raise ValueError(f"data.{split} is not set")
-    return evaluate(job.model, eval_batches(config, job.env, data), job.env.device)
+    return evaluate_job(job, data).metrics
 
 
 def train(config: Config) -> dict[str, dict[str, float]]:
@@ -173,6 +218,7 @@ def train(config: Config) -> dict[str, dict[str, float]]:
 def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     job = build_job(config)
     config, env, splits, dmp, optimizer = job.config, job.env, job.splits, job.model, job.optimizer
+    schedule = job.schedule
     cfg_data, cfg_train = config.data, config.training
     run_dir = cfg_train.run_dir
     if env.is_main:
@@ -186,30 +232,45 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     # with the same global batch (data.batch_size x world size); load_checkpoint checks it.
     global_batch = cfg_data.batch_size * env.world_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
+    stopper = EarlyStopping(config.early_stopping)
     resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
     if resume_from:
-        progress = {**load_checkpoint(resume_from, dmp, optimizer, global_batch), "global_batch_size": global_batch}
+        saved = load_checkpoint(resume_from, dmp, optimizer, global_batch)
+        stopper.load_state(saved)
+        schedule.load_state(saved)
+        progress = {key: int(saved[key]) for key in progress}
 
     logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
+    if cfg_data.negative_downsampling < 1:
+        logger.event("data", progress["step"], train_rows_kept=len(splits.train), seed=cfg_train.seed,
+                     negative_downsampling=cfg_data.negative_downsampling)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
     keys = cfg_data.sparse_features
 
-    def run_eval(stage: str, split: ArrayData | ShardedSplit) -> dict[str, float]:
+    def run_eval(stage: str, split: ArrayData | ShardedSplit) -> Evaluation:
         # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
         # its next progress() call.
         start = time.perf_counter()
-        result = evaluate(pipeline.detach(), eval_batches(config, env, split), env.device)
-        logger.log(stage, progress["step"], {**result, "samples_per_s": result["rows"] / (time.perf_counter() - start)})
+        result = evaluate_job(job, split, pipeline.detach())
+        rate = result.metrics["rows"] / (time.perf_counter() - start)
+        logger.log(stage, progress["step"], {**result.metrics, "samples_per_s": rate})
         return result
 
-    def checkpoint() -> str:
-        return save_checkpoint(run_dir, dmp, optimizer, progress, cfg_train.keep_last_checkpoints)
+    def validate() -> bool:
+        """Evaluates on val; True when early stopping finds this the best model so far."""
+        nonlocal last_val
+        last_val = run_eval("val", splits.val)
+        schedule.on_validation(last_val.metrics, progress["step"])
+        return stopper.update(last_val.metrics, progress["step"])
 
-    steps_per_epoch = num_batches(len(splits.train), cfg_data.batch_size, env.world_size, cfg_data.drop_last)
-    max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
-    val_metrics: dict[str, float] = {}
+    def checkpoint(best: bool = False) -> str:
+        state = {**progress, **stopper.state(), **schedule.state()}
+        return save_checkpoint(run_dir, dmp, optimizer, state, cfg_train.keep_last_checkpoints, best)
+
+    steps_per_epoch, max_steps = job.steps_per_epoch, job.max_steps
+    last_val: Evaluation | None = None
     dmp.train()
-    while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps:
+    while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = split_batches(
             splits.train, keys, cfg_data.batch_size, env.rank, env.world_size, cfg_data.prefetch_batches,
             shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
@@ -230,36 +291,59 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
             window_steps += 1
             window_loss += float(loss)
             bar.update(1)
-            if window_steps == config.logging.log_every_steps or progress["batch_in_epoch"] == steps_per_epoch:
+            epoch_end = progress["batch_in_epoch"] == steps_per_epoch
+            if window_steps == config.logging.log_every_steps or epoch_end:
                 rate = window_steps * global_batch / (time.perf_counter() - window_start)
                 mean_loss = global_mean(window_loss / window_steps, env.device)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
-                logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate})
+                logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate,
+                                                       **schedule.learning_rates()})
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
-            if cfg_train.eval_every_steps and progress["step"] % cfg_train.eval_every_steps == 0:
-                val_metrics = run_eval("val", splits.val)
-            if cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0:
-                checkpoint()
+            # The epoch's last step validates after this loop, once.
+            eval_now = cfg_train.eval_every_steps and progress["step"] % cfg_train.eval_every_steps == 0
+            best = bool(eval_now and not epoch_end) and validate()
+            if best or (cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0):
+                checkpoint(best)
             inject_fault(progress["step"], env.rank, run_dir)
             if signum := stop.requested(env.device):
                 bar.close()
                 logger.close()
                 raise TrainingStopped(signum, progress["step"], checkpoint())
+            if stopper.stopped:
+                break
         bar.close()
         if progress["batch_in_epoch"] >= steps_per_epoch:
             progress["epoch"] += 1
             progress["batch_in_epoch"] = 0
-            val_metrics = run_eval("val", splits.val)
-            checkpoint()
-        elif progress["step"] >= max_steps:
+            checkpoint(validate())
+        elif progress["step"] >= max_steps or stopper.stopped:
             checkpoint()
             break
 
-    result = {"val": val_metrics or run_eval("val", splits.val)}
+    logger.event("stop", progress["step"], **stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps))
+    if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):
+        # The final metrics are the best model's, as eval and export see it.
+        progress["step"] = int(load_checkpoint(best_checkpoint(run_dir), dmp, optimizer)["step"])
+        last_val = None
+    final = {"val": last_val or run_eval("val", splits.val)}
     if splits.test is not None:
-        result["test"] = run_eval("test", splits.test)
+        final["test"] = run_eval("test", splits.test)
+    result = {stage: evaluation.metrics for stage, evaluation in final.items()}
     if env.is_main:
         for stage, values in result.items():
             print(f"{stage}: " + "  ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()))
+    split, shown = list(final.items())[-1]
+    logger.event("reliability", progress["step"], split=split, **shown.reliability)
     logger.close()
+    if env.is_main:
+        write_plots(run_dir)
     return result
+
+
+def stop_reason(stopper: EarlyStopping, step: int, max_steps: int, configured_max_steps: int) -> dict[str, str]:
+    """Why the run ended, for metrics.jsonl."""
+    if stopper.stopped:
+        return {"reason": "early_stopping", "detail": stopper.reason()}
+    if configured_max_steps > 0 and step >= max_steps:
+        return {"reason": "max_steps", "detail": f"training.max_steps={configured_max_steps} reached"}
+    return {"reason": "epochs", "detail": f"all training.epochs done at step {step}"}

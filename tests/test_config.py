@@ -52,6 +52,13 @@ def test_unknown_override_key_fails() -> None:
         ({"optimizer": {"sparse": "adadelta"}}, "optimizer.sparse: 'adadelta' is not one of"),
         ({"model": {"num_embeddings": [10, 20]}}, "model.num_embeddings has 2 entries"),
         ({"model": {"shared_tables": {"t": ["C1", "X9"]}}}, "unknown sparse feature 'X9'"),
+        ({"loss": {"name": "hinge"}}, r"loss.name: 'hinge' is not one of \['bce', 'focal'\]"),
+        ({"loss": {"pos_weight": 0}}, "loss.pos_weight must be positive"),
+        ({"loss": {"focal_alpha": 2}}, r"loss.focal_alpha must be in \[0, 1\]"),
+        ({"data": {"negative_downsampling": 0}}, r"data.negative_downsampling must be in \(0, 1\]"),
+        ({"early_stopping": {"monitor": "ne"}}, "early_stopping.monitor: 'ne' is not one of"),
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience must be at least 1"),
+        ({"early_stopping": {"enabled": True, "monitor": "gauc"}}, "monitor=gauc needs data.group_column"),
     ],
 )
 def test_wrong_values_fail_with_the_key(values: dict, message: str) -> None:

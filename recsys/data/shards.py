@@ -98,7 +98,8 @@ class ShardedSplit:
         self.group: str | None = features.get("group")
         self.table_sizes = [int(self.metadata["table_sizes"][f]) for f in self.sparse_features]
         info = self.metadata["splits"][self.name]
-        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot, bool(self.group)) for s in info["shards"]]
+        grouped = bool(self.group)
+        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot, grouped) for s in info["shards"]]
         self.sizes = np.array([s["rows"] for s in info["shards"]], dtype=np.int64)
         self.rows = int(self.sizes.sum())
         self.kept: list[np.ndarray] | None = None

@@ -36,7 +36,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.config import Config, TableShardingConfig
@@ -424,9 +424,14 @@ def _fill_block(shard: torch.Tensor, offsets: tuple[int, int], seed: int, table:
         shard[lo - row0 : hi - row0].copy_(values[lo - start : hi - start, col0 : col0 + cols])
 
 
-def build_optimizer(model: DistributedModelParallel, config: Config) -> CombinedOptimizer:
+def build_optimizer(
+    model: DistributedModelParallel,
+    config: Config,
+    wrap: Callable[[KeyedOptimizer, str], KeyedOptimizer] = lambda optimizer, role: optimizer,
+) -> CombinedOptimizer:
     """The fused FBGEMM optimizer of the sharded tables, the sparse optimizer for data-parallel tables and
-    a dense optimizer for everything else.
+    a dense optimizer for everything else; ``wrap(optimizer, "sparse" | "dense")`` may wrap each (the
+    learning-rate schedule does).
 
     TorchRec hands data-parallel tables to DDP as plain replicated parameters, dropping their in-backward
     optimizer; without the second group they would silently train with the dense optimizer and its
@@ -443,10 +448,11 @@ def build_optimizer(model: DistributedModelParallel, config: Config) -> Combined
             params, lr=opt.dense_lr, weight_decay=opt.dense_weight_decay, fused=True
         ),
     )
-    optimizers = [model.fused_optimizer, dense]
+    optimizers = [wrap(model.fused_optimizer, "sparse"), wrap(dense, "dense")]
     if replicated_tables:
         sparse = REPLICATED_TABLE_OPTIMIZERS[opt.sparse]
-        optimizers.append(
-            KeyedOptimizerWrapper(replicated_tables, lambda params: sparse(params, **sparse_optimizer_kwargs(config)))
+        replicated = KeyedOptimizerWrapper(
+            replicated_tables, lambda params: sparse(params, **sparse_optimizer_kwargs(config))
         )
+        optimizers.append(wrap(replicated, "sparse"))
     return CombinedOptimizer(optimizers)

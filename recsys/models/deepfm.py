@@ -18,7 +18,8 @@
 * Deep part: MLP over all field vectors. Its first layer reads the sparse fields in the pooled rows and the
   dense fields through their vectors, so the [B, F, D] field tensor is never built (see ``DeepArch``).
 
-The output is a logit (train with ``BCEWithLogitsLoss``). Modules are fx-traceable.
+The output is a logit (trained with ``recsys.losses.CTRLoss``: BCE, weighted or focal). Modules are
+fx-traceable.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.config import Config
+from recsys.losses import CTRLoss
 
 # FBGEMM's fused embedding kernels need table (and shard) widths divisible by 4.
 FBGEMM_DIM_ALIGNMENT = 4
@@ -232,6 +234,10 @@ class DeepFM(nn.Module):
 class DeepFMTrain(nn.Module):
     """Wraps DeepFM with its loss in the shape TorchRec's train pipelines expect.
 
+    Args:
+        model: the DeepFM.
+        loss_fn: ``(logits [B], labels [B] float) -> scalar``; plain BCE by default.
+
     Call args:
         batch: torchrec Batch(dense_features [B, F_dense], sparse_features KJT, labels [B])
 
@@ -239,10 +245,10 @@ class DeepFMTrain(nn.Module):
         (loss, (loss, logits [B], labels [B])), all but the first detached.
     """
 
-    def __init__(self, model: DeepFM) -> None:
+    def __init__(self, model: DeepFM, loss_fn: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.loss_fn = loss_fn if loss_fn is not None else CTRLoss()
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         logits = self.model(batch.dense_features, batch.sparse_features)

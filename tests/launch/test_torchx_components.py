@@ -75,6 +75,8 @@ def test_evaluate_scores_the_chosen_split() -> None:
     (role,) = component("evaluate")("configs/synthetic.yaml", "data.test=x.tsv", split="val").roles
     assert role.args[-1].endswith("-m recsys.cli eval configs/synthetic.yaml data.test=x.tsv --split=val")
     assert role.env["PET_MAX_RESTARTS"] == "0"
+    (role,) = component("evaluate")("configs/synthetic.yaml", checkpoint="latest").roles
+    assert role.args[-1].endswith("eval configs/synthetic.yaml --split=test --checkpoint=latest")
     with pytest.raises(ValueError, match="split"):
         component("evaluate")("configs/synthetic.yaml", split="train")
 
