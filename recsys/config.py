@@ -71,8 +71,9 @@ class ModelConfig:
     dropout: float = 0.0
     batch_norm: bool = False
     embedding_init_std: float = 1e-2
-    # "bfloat16": the MLP's matrix products in bfloat16 (autocast; float32 weights, tables, FM and loss).
-    # About twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs; exported models run float32.
+    # "bfloat16": the MLP's widest matrix product in bfloat16 (float32 weights, tables, FM and loss); about
+    # twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs, emulated (slower) on other CPUs.
+    # "auto": bfloat16 where it is fast, else float32.
     mlp_precision: str = "float32"
 
 
@@ -213,7 +214,7 @@ class Config:
 CHOICES = {
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
-    "model.mlp_precision": ("float32", "bfloat16"),
+    "model.mlp_precision": ("float32", "bfloat16", "auto"),
     "loss.name": ("bce", "focal"),
     "schedule.name": ("constant", "cosine", "linear", "step", "plateau"),
     "early_stopping.monitor": ("auc", "logloss", "gauc"),

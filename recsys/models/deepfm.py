@@ -174,14 +174,20 @@ class DeepArch(nn.Module):
         sparse_weight = F.pad(self.sparse_weight, (0, unused_columns)).flatten(start_dim=1)  # [H, F_sparse * W]
         dense_weight = (self.dense_weight * dense_vectors).sum(dim=2)  # [H, F_dense]
         rows = sparse_rows.flatten(start_dim=1)
-        if self.bfloat16:
-            # model.mlp_precision=bfloat16: the widest product (3/4 of the MLP's arithmetic, forward and both
-            # backward products) in bfloat16 with float32 weights and output. Explicit casts rather than
-            # torch.autocast keep the module fx-traceable, so an exported model computes exactly this too.
-            sparse_part = F.linear(rows.bfloat16(), sparse_weight.bfloat16(), self.bias.bfloat16()).float()
-        else:
-            sparse_part = F.linear(rows, sparse_weight, self.bias)
-        return self.mlp(sparse_part.addmm_(dense, dense_weight.t())).squeeze(-1)
+        if not self.bfloat16:
+            hidden = F.linear(rows, sparse_weight, self.bias).addmm_(dense, dense_weight.t())
+            return self.mlp(hidden).squeeze(-1)
+        # model.mlp_precision=bfloat16: activations and matrix products in bfloat16, weights (and so the
+        # optimizer) float32, the logit back in float32. Explicit casts rather than torch.autocast keep the
+        # module fx-traceable, so an exported model computes exactly this too.
+        hidden = F.linear(rows.bfloat16(), sparse_weight.bfloat16(), self.bias.bfloat16())
+        hidden = hidden.addmm_(dense.bfloat16(), dense_weight.t().bfloat16())
+        for block in self.mlp:
+            if isinstance(block, nn.Linear):
+                hidden = F.linear(hidden, block.weight.bfloat16(), block.bias.bfloat16())
+            else:
+                hidden = block(hidden)
+        return hidden.float().squeeze(-1)
 
 
 class DeepFM(nn.Module):
@@ -309,5 +315,21 @@ def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: 
         dropout=m.dropout,
         batch_norm=m.batch_norm,
         init_std=m.embedding_init_std,
-        mlp_bfloat16=m.mlp_precision == "bfloat16",
+        mlp_bfloat16=m.mlp_precision == "bfloat16" or (m.mlp_precision == "auto" and fast_bfloat16()),
     )
+
+
+def fast_bfloat16() -> bool:
+    """True where bfloat16 matrix products run in hardware: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX.
+
+    oneDNN runs bfloat16 on any AVX-512 CPU, but without these instructions it converts in software and is
+    slower than float32, so the CPU's flags decide.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
