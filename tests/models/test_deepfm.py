@@ -9,7 +9,7 @@ from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import config_from_dict
-from recsys.models.deepfm import DeepFM, DeepFMTrain, FactorizationMachine, build_deepfm, table_configs, table_width
+from recsys.models.deepfm import DeepFM, Dropout, DeepFMTrain, FactorizationMachine, build_deepfm, table_configs, table_width
 
 FEATURES = ["C1", "C2", "C3"]
 DENSE = ["I1", "I2"]
@@ -149,3 +149,14 @@ def test_bfloat16_mlp_is_close_to_float32_traceable_and_trains() -> None:
     logits.sum().backward()
     assert mixed.deep_arch.sparse_weight.grad.dtype == torch.float32
     assert mixed.deep_arch.sparse_weight.grad.abs().sum() > 0
+
+
+def test_byte_dropout_keeps_expected_share_scales_and_is_identity_in_eval() -> None:
+    drop = Dropout(0.2)
+    x = torch.ones(512, 256)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert abs(kept - (1 - 51 / 256)) < 0.01  # p rounded to 51/256
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 256 / 205))
+    assert abs(y.mean().item() - 1.0) < 0.02  # inverted dropout keeps the expectation
+    torch.testing.assert_close(drop.eval()(x), x)
