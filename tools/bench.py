@@ -1,6 +1,6 @@
 """recsys against the DeepFMs users compare it with, on the same rows, features and architecture.
 
-    pip install -e .[bench]          # DeepCTR-Torch, psutil, scikit-learn (optional contender)
+    pip install -e .[bench]          # DeepCTR-Torch and scikit-learn (the optional third contender)
     flock /tmp/bench.lock python tools/bench.py [--rows 1250000] [--threads 2] [--regimes small,kaggle]
 
 Generates Criteo-format rows with a planted model (``recsys generate``; 80/10/10 train/val/test), hashes the
@@ -38,12 +38,14 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_preprocess import run_measured  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE_CARDINALITIES = [
@@ -317,32 +319,10 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {"plain": worker_plain, "dee
 
 def measure_process(command: list[str]) -> int:
     """Runs ``command`` to completion and returns the peak summed RSS of its process tree (bytes)."""
-    import psutil
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak = 0
-    done = threading.Event()
-
-    def poll() -> None:
-        nonlocal peak
-        root = psutil.Process(proc.pid)
-        while not done.is_set():
-            try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree))
-            except psutil.Error:
-                pass
-            done.wait(0.05)
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    output, _ = proc.communicate()
-    done.set()
-    watcher.join()
+    proc, _, errors, peak = run_measured(command, {"PYTHONUNBUFFERED": "1"})
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{output[-4000:]}")
-    return peak
+        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{errors[-4000:]}")
+    return peak["rss"]
 
 
 def summary(results: dict[tuple[str, str], dict[str, Any]], bound: float) -> dict[str, Any]:
@@ -383,10 +363,6 @@ def main() -> None:
         args.result.write_text(json.dumps(result))
         return
 
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        sys.exit("tools/bench.py measures memory with psutil: pip install -e .[bench]")
     import torch
 
     host = {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,

@@ -61,10 +61,11 @@ def _memory(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-def measure(cmd: list[str]) -> dict:
-    """Runs ``cmd``; returns its JSON output line merged with wall time and peak tree RSS / PSS."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str, dict[str, int]]:
+    """Runs ``cmd`` to completion, sampling its process tree's memory; returns (process, stdout, stderr,
+    {"rss": peak bytes, "pss": peak bytes})."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
     peak = {"rss": 0, "pss": 0}
     done = threading.Event()
 
@@ -77,12 +78,19 @@ def measure(cmd: list[str]) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = proc.communicate()
+    out, err = proc.communicate()
     done.set()
     sampler.join()
+    return proc, out, err, peak
+
+
+def measure(cmd: list[str]) -> dict:
+    """Runs ``cmd``; returns its JSON output line merged with wall time and peak tree RSS / PSS."""
+    started = time.perf_counter()
+    proc, out, err, peak = run_measured(cmd)
     if proc.returncode:
-        raise SystemExit(f"{cmd} failed with status {proc.returncode}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
+        raise SystemExit(f"{cmd} failed with status {proc.returncode}:\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
     return {**result, "wall_s": round(time.perf_counter() - started, 2),
             "peak_rss_mib": round(peak["rss"] / 2**20), "peak_pss_mib": round(peak["pss"] / 2**20)}
 
