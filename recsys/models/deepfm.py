@@ -243,11 +243,11 @@ class DeepArch(nn.Module):
         # model.mlp_precision=bfloat16: activations and matrix products in bfloat16, weights (and so the
         # optimizer) float32, the logit back in float32. Explicit casts rather than torch.autocast keep the
         # module fx-traceable, so an exported model computes exactly this too.
-        hidden = F.linear(rows.bfloat16(), sparse_weight.bfloat16(), self.bias.bfloat16())
-        hidden = hidden.addmm_(dense.bfloat16(), dense_weight.t().bfloat16())
+        hidden = F.linear(rows.to(torch.bfloat16), sparse_weight.to(torch.bfloat16), self.bias.to(torch.bfloat16))
+        hidden = hidden.addmm_(dense.to(torch.bfloat16), dense_weight.t().to(torch.bfloat16))
         for block in self.mlp:
             if isinstance(block, nn.Linear):
-                hidden = F.linear(hidden, block.weight.bfloat16(), block.bias.bfloat16())
+                hidden = F.linear(hidden, block.weight.to(torch.bfloat16), block.bias.to(torch.bfloat16))
             else:
                 hidden = block(hidden)
         return hidden.float().squeeze(-1)

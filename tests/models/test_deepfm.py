@@ -10,6 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import config_from_dict
 from recsys.models.deepfm import DeepFM, Dropout, DeepFMTrain, FactorizationMachine, build_deepfm, table_configs, table_width
+from recsys.serving.modules import LogitModel
 
 FEATURES = ["C1", "C2", "C3"]
 DENSE = ["I1", "I2"]
@@ -146,6 +147,9 @@ def test_bfloat16_mlp_is_close_to_float32_traceable_and_trains() -> None:
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, exact(dense, kjt), rtol=0.02, atol=0.02)
     torch.testing.assert_close(symbolic_trace(mixed)(dense, kjt), logits)
+    scripted = torch.jit.script(symbolic_trace(LogitModel(mixed.eval())))  # what `recsys export` compiles
+    torch.testing.assert_close(scripted(dense, kjt), logits)
+    mixed.train()
     logits.sum().backward()
     assert mixed.deep_arch.sparse_weight.grad.dtype == torch.float32
     assert mixed.deep_arch.sparse_weight.grad.abs().sum() > 0
