@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pickle
 import posixpath
 from typing import Any
 
@@ -30,7 +31,13 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
 from torchrec.optim.keyed import CombinedOptimizer
@@ -41,6 +48,10 @@ BEST = "best"
 
 class CheckpointMismatch(ValueError):
     """A checkpoint that cannot continue this run as configured."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or not a checkpoint at all."""
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -106,9 +117,69 @@ def _writer(path: str) -> StorageWriter:
     return FsspecWriter(path, single_file_per_rank=False)
 
 
+# DCP's .metadata is a pickle, and torch unpickles it with pickle.load: a crafted file in a run_dir (which may
+# be a bucket) would run code on `recsys train/eval/export`. Only the classes DCP's metadata is made of, and
+# the torch values they hold, may be loaded; anything else is refused before it is called.
+_DCP = "torch.distributed.checkpoint."
+_METADATA_GLOBALS = {
+    *((_DCP + "metadata", name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )),
+    (_DCP + "filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch's layout object
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which DCP checkpoint metadata never holds")
+        return super().find_class(module, name)
+
+
+def _load_metadata(fh: Any, where: str) -> Metadata:
+    """Unpickles a DCP ``.metadata`` stream with ``_MetadataUnpickler``; CheckpointError naming ``where``."""
+    try:
+        metadata = _MetadataUnpickler(fh).load()
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, ValueError, ...)
+        raise CheckpointError(f"{where}: refused: not valid DCP checkpoint metadata ({e})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{where}: refused: holds a {type(metadata).__name__}, not DCP checkpoint metadata")
+    return metadata
+
+
+class _SafeMetadata:
+    """Mixin for DCP's readers: ``read_metadata`` through ``_load_metadata`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
+        try:
+            with self.fs.create_stream(path, "rb") as fh:  # type: ignore[attr-defined]
+                metadata = _load_metadata(fh, str(path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: not a complete checkpoint") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        return metadata
+
+
+class _SafeFileSystemReader(_SafeMetadata, dcp.FileSystemReader):
+    pass
+
+
+class _SafeFsspecReader(_SafeMetadata, FsspecReader):
+    pass
+
+
 def _reader(path: str) -> StorageReader:
     fs, local = _fs(path)
-    return dcp.FileSystemReader(local) if isinstance(fs, LocalFileSystem) else FsspecReader(path)
+    return _SafeFileSystemReader(local) if isinstance(fs, LocalFileSystem) else _SafeFsspecReader(path)
 
 
 def _pointed(run_dir: str, pointer_name: str) -> str | None:
