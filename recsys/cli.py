@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
 
     try:
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), verify=args.verify)
     except TrainingStopped as e:
         print(f"recsys: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's code for "killed by signal": the job did not finish
@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resuming from its latest checkpoint), then reports val and test metrics and draws run_dir/plots/. "
         "Run under torchrun/torchx for several processes.",
     )
+    tr.add_argument("--verify", action="store_true",
+                    help="check the sha256 of every file of the checkpoint it resumes from (sizes are always checked)")
     tr.set_defaults(func=_train)
 
     ev = _config_command(
