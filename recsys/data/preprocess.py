@@ -101,6 +101,7 @@ class Settings:
     max_memory_gb: float = 2.0
     strict: bool = False
     max_bad_fraction: float = 0.01
+    accept_truncated: bool = False  # keep the rows before a gzip stream breaks instead of failing
     progress: bool = True
 
 
@@ -122,6 +123,7 @@ class Source:
     data_start: int = 0  # byte offset of the first data line (after the header) in the plain file
     header_lines: int = 0
     rows: int = -1  # data lines, counted only when the file is halved
+    lost: dict | None = None  # where and why a gzip stream broke, when accept_truncated kept its start
 
 
 @dataclass
@@ -261,10 +263,11 @@ def _plain_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chun
             start, number = end, number + 1
 
 
-def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk]:
+def _gzip_chunks(index: int, source: Source, chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
     """Whole-line chunks of decompressed bytes, cut exactly where ``_plain_chunks`` cuts the same bytes
     (after the first newline at or past ``chunk_bytes``), so a file gives the same output gzipped or not.
-    A truncated stream ends in a chunk flagged ``truncated``."""
+    A truncated or corrupt stream is a PreprocessError (the rest of the file is lost); with
+    ``accept_truncated`` it ends in a chunk flagged ``truncated`` and ``source.lost`` says what was lost."""
     with gzip.open(source.path, "rb") as fh:
         buffer, number, line, eof, truncated = b"", 0, 1 + source.header_lines, False, False
         if source.header_lines:
@@ -278,7 +281,17 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk
                     while size < chunk_bytes and (block := fh.read1(1 << 20)):
                         blocks.append(block)
                         size += len(block)
-                except (EOFError, gzip.BadGzipFile, zlib.error):
+                except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                    after = line - 1 + buffer.count(b"\n") + sum(b.count(b"\n") for b in blocks)
+                    source.lost = {"error": str(e) or type(e).__name__, "after_line": after,
+                                   "compressed_bytes_read": fh.fileobj.tell(), "compressed_bytes": source.size}
+                    if not accept_truncated:
+                        raise PreprocessError(
+                            f"{source.path}:{after + 1}: gzip stream is truncated or corrupt "
+                            f"({source.lost['error']}; {source.lost['compressed_bytes_read']:,} of {source.size:,} "
+                            "compressed bytes read): the rows from here on are lost; fetch the file again, or "
+                            "pass --accept-truncated to keep the rows before the break"
+                        ) from None
                     truncated = True
                 eof = truncated or size < chunk_bytes
                 buffer += b"".join(blocks)
@@ -290,9 +303,12 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk
             number += 1
 
 
-def iter_chunks(sources: list[Source], chunk_bytes: int) -> Iterator[Chunk]:
+def iter_chunks(sources: list[Source], chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
     for index, source in enumerate(sources):
-        yield from (_gzip_chunks if source.gzip else _plain_chunks)(index, source, chunk_bytes)
+        if source.gzip:
+            yield from _gzip_chunks(index, source, chunk_bytes, accept_truncated)
+        else:
+            yield from _plain_chunks(index, source, chunk_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1119,7 +1135,7 @@ def _run_chunks(
         bar.set_postfix(rows_per_s=f"{new_lines / (time.perf_counter() - started):,.0f}")
 
     def todo() -> Iterator[Chunk]:
-        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes):
+        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes, ctx.settings.accept_truncated):
             path = done_path(chunk)
             if path.exists():
                 stats.reused += 1
@@ -1197,7 +1213,8 @@ def run(settings: Settings, schema: Schema) -> dict:
         "tool": "recsys preprocess", "format_version": FORMAT_VERSION, "fingerprint": fp,
         "schema": schema.to_dict(),
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "inputs": [{"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "gzip": s.gzip} for s in sources],
+        "inputs": [{"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "gzip": s.gzip, "lost": s.lost}
+                   for s in sources],
         "features": {"dense": schema.dense, "sparse": schema.sparse, "multi_hot": list(schema.multi_hot),
                      "group": schema.group or None},
         "table_sizes": table_sizes,
@@ -1300,6 +1317,11 @@ def summarize(metadata: dict) -> str:
     lines.append(f"  lines {metadata['lines']:,}, skipped bad rows {metadata['bad_rows']:,} {metadata['errors']}")
     for example in metadata["error_examples"]:
         lines.append(f"    {example}")
+    for source in metadata["inputs"]:
+        if lost := source.get("lost"):
+            lines.append(f"  LOST (--accept-truncated): {source['path']} breaks after line {lost['after_line']:,} "
+                         f"({lost['error']}; {lost['compressed_bytes_read']:,} of {lost['compressed_bytes']:,} "
+                         "compressed bytes read): the rest of the file is lost")
     sizes = metadata["table_sizes"]
     lines.append(f"  table sizes: {sum(sizes.values()):,} rows over {len(sizes)} features; vocabularies "
                  f"{metadata['vocab_bytes'] / 2**20:.1f} MiB")
@@ -1346,6 +1368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail at the first malformed row")
     parser.add_argument("--max-bad-fraction", type=float, default=Settings.max_bad_fraction,
                         help="fail when more than this fraction of lines is malformed (default 0.01)")
+    parser.add_argument("--accept-truncated", action="store_true",
+                        help="keep the rows before the break of a truncated or corrupt .gz input (the loss is "
+                        "reported in the summary and metadata.json) instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -1359,7 +1384,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         out=args.out, inputs=args.inputs, split=args.split, ratios=args.ratios, seed=args.seed,
         shuffle=args.shuffle, shard_rows=args.shard_rows, chunk_bytes=int(args.chunk_mb * 2**20),
         workers=args.workers, max_memory_gb=args.max_memory_gb, strict=args.strict,
-        max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress,
+        max_bad_fraction=args.max_bad_fraction, accept_truncated=args.accept_truncated,
+        progress=not args.no_progress,
     )  # fmt: skip
     try:
         metadata = run(settings, load_schema(args.schema, overrides))
