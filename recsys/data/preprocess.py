@@ -646,6 +646,14 @@ class Columns:
         return out
 
 
+def max_ids(one_hot: list[str], sparse: np.ndarray, multi_values: dict[str, np.ndarray]) -> dict[str, int]:
+    """The largest id of each feature of a shard (``sparse``: the one-hot features' columns; multi-hot
+    values by feature); features without ids are left out. The loader checks them against the tables."""
+    top = {name: int(column) for name, column in zip(one_hot, sparse.max(axis=0))} if len(sparse) else {}
+    top.update({name: int(values.max()) for name, values in multi_values.items() if len(values)})
+    return top
+
+
 def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Indices of the concatenated ranges ``[starts[i], starts[i] + lengths[i])`` (multi-hot gathers)."""
     lengths = lengths.astype(np.int64)
@@ -904,8 +912,10 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
         path = tmp / f"{array}.npy"
         np.save(path, values)
         checksums[path.name] = file_checksum(path)
+    one_hot = [n for n in ctx.schema.sparse if n not in ctx.schema.multi_hot]
     record = {"name": final.name, "rows": task.rows, "fingerprint": task.fingerprint, "checksums": checksums,
-              "positives": int(columns.labels.sum(dtype=np.int64))}
+              "positives": int(columns.labels.sum(dtype=np.int64)),
+              "max_ids": max_ids(one_hot, columns.sparse, {n: v for n, (v, _) in columns.multi.items()})}
     _write_json_atomic(tmp / "shard.json", record)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
