@@ -50,18 +50,21 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
+
+from recsys.config import UserError
 
 LATEST = "latest"
 BEST = "best"
 MANIFEST = "manifest.json"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A checkpoint that cannot continue this run as configured."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, damaged, or not a checkpoint at all."""
 
 
@@ -229,7 +232,8 @@ def verify_checkpoint(path: str, checksums: bool = False) -> None:
         if not fs.isfile(file):
             raise CheckpointError(f"{posixpath.join(path, name)} is missing")
         if (actual := fs.size(file)) != size:
-            raise CheckpointError(f"{posixpath.join(path, name)} holds {actual} bytes, {manifest} says {size}: truncated or overwritten")
+            raise CheckpointError(f"{posixpath.join(path, name)} holds {actual} bytes, {manifest} says {size}: "
+                                  "truncated or overwritten")
         if checksums and _sha256(fs, file) != digest:
             raise CheckpointError(f"{posixpath.join(path, name)}: sha256 differs from {manifest}: damaged")
     _reader(path).read_metadata()
@@ -379,7 +383,13 @@ def save_checkpoint(
                      for k, v in progress.items()},
         f"rng_rank{_rank()}": _rng_state(),
     }
-    dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
+    try:
+        dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
+    except (OSError, CheckpointException) as e:  # DCP's own errors name no path (e.g. a full disk)
+        failures = e.failures.values() if isinstance(e, CheckpointException) else [(e, None)]
+        why = "; ".join(sorted({f"{type(error).__name__}: {error}" for error, _ in failures}))
+        raise CheckpointError(f"writing checkpoint {posixpath.join(root, name)}.tmp failed ({why}): is the disk "
+                              "full? free space there or set training.run_dir elsewhere") from e
     _barrier()
     if _rank() == 0:
         _write_manifest(fs, tmp)

@@ -54,7 +54,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from recsys.config import ConfigError
+from recsys.config import UserError
 from recsys.data.schema import Schema, load_schema
 
 FORMAT_VERSION = 1
@@ -73,7 +73,7 @@ WORKER_BYTES_PER_INPUT_BYTE = 7  # raw bytes + polars string columns + parsed co
 WORKER_BYTES_PER_SHARD_ROW_BYTE = 3  # gathered rows + their permutation + the write buffer
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """Bad input or settings; the message names the file, line and column where it applies."""
 
 
@@ -222,6 +222,8 @@ def make_sources(settings: Settings, schema: Schema) -> tuple[list[Source], list
             stat = os.stat(source.path)
         except FileNotFoundError:
             raise PreprocessError(f"{source.path}: no such input file") from None
+        if os.path.isdir(source.path):
+            raise PreprocessError(f"{source.path}: a folder, not an input file: name the files in it")
         if stat.st_size == 0:
             raise PreprocessError(f"{source.path}: empty file")
         source.size, source.mtime_ns = stat.st_size, stat.st_mtime_ns
@@ -1399,7 +1401,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         metadata = run(settings, load_schema(args.schema, overrides))
-    except (PreprocessError, ConfigError) as e:
+    except UserError as e:
         print(f"recsys preprocess: error: {e}", file=sys.stderr)
         return 2
     print(summarize(metadata))

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from recsys.config import Config, ConfigError, validate
+from recsys.config import Config, ConfigError, UserError, validate
 from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
 from recsys.data.preprocess import gather_ranges, max_ids
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A folder that is not a complete, consistent preprocessed split."""
 
 
