@@ -10,6 +10,7 @@ downsampling with calibrated evaluation (``recsys.data.sampling``) and the run's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -48,6 +49,7 @@ from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
 from recsys.plots import write_plots
+from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
 
 
@@ -220,8 +222,8 @@ def train(config: Config, verify: bool = False) -> dict[str, dict[str, float]]:
 
     On SIGTERM it checkpoints after the current step and raises ``TrainingStopped``.
     """
-    with GracefulStop() as stop:
-        return _train(config, stop, verify)
+    with GracefulStop() as stop, contextlib.ExitStack() as held:
+        return _train(config, stop, verify, held)
 
 
 def resume_point(run_dir: str, resume: bool, verify: bool, is_main: bool) -> str | None:
@@ -238,16 +240,17 @@ def resume_point(run_dir: str, resume: bool, verify: bool, is_main: bool) -> str
     return path
 
 
-def _train(config: Config, stop: GracefulStop, verify: bool) -> dict[str, dict[str, float]]:
+def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.ExitStack) -> dict[str, dict[str, float]]:
     job = build_job(config)
     config, env, splits, dmp, optimizer = job.config, job.env, job.splits, job.model, job.optimizer
     schedule = job.schedule
     cfg_data, cfg_train = config.data, config.training
     run_dir = cfg_train.run_dir
+    if env.is_main:  # one run per run_dir, held until train() returns
+        held.enter_context(run_dir_lock(run_dir))
     # Before anything is written: a run_dir whose checkpoints are all damaged stops here.
     resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
     if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         with open(os.path.join(run_dir, "plan.txt"), "w") as fh:

@@ -50,6 +50,12 @@ def test_no_checkpoint(config_file: Path, tmp_path: Path, command: str, capsys: 
     assert f"no checkpoint in {tmp_path / 'run' / 'checkpoints'}: train first" in line
 
 
+def test_run_dir_under_a_file(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("")
+    line = _fails(capsys, "train", str(config_file), f"training.run_dir={tmp_path / 'file' / 'run'}")
+    assert f"training.run_dir={tmp_path / 'file' / 'run'}: cannot create it" in line
+
+
 def test_disk_full_names_the_checkpoint(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
