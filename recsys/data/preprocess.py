@@ -42,8 +42,10 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import shutil
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -986,9 +988,43 @@ def plan_workers(settings: Settings, schema: Schema) -> int:
     return max(1, min(wanted, fit))
 
 
-def _worker_init() -> None:
+def _die_with(parent: int) -> None:
+    """Ends this worker as soon as ``parent`` (the process that made the pool) exits, even by SIGKILL, which
+    runs no clean-up: otherwise the workers live on holding their memory. prctl(PR_SET_PDEATHSIG) cannot do
+    it: a worker's parent is the fork server, which lives as long as any of its children do. So a thread
+    waits on a pidfd of ``parent`` (Linux), or polls it elsewhere."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:  # already gone
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfds (not Linux >= 5.3)
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        else:
+            while _alive(parent):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _worker_init(parent: int) -> None:
     # One polars thread per worker process: the pool already uses every core.
     os.environ["POLARS_MAX_THREADS"] = "1"
+    _die_with(parent)
 
 
 class Pool:
@@ -1016,7 +1052,8 @@ class Pool:
                     del os.environ["RECSYS_LIGHT_IMPORT"]
                 else:
                     os.environ["RECSYS_LIGHT_IMPORT"] = saved
-            self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+            self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                   initargs=(os.getpid(),))
 
     def imap(self, fn: Callable, ctx: Any, tasks: Iterable) -> Iterator:
         """``fn(ctx, task)`` for each task, yielded in task order, at most 2 tasks per worker in flight."""
