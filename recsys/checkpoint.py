@@ -7,6 +7,13 @@ the table shards + dense optimizer state), the training progress (step, epoch, g
 the epoch, global batch size, and the early-stopping and plateau state: named ints and floats) and each
 rank's RNG state.
 
+Every checkpoint folder ends with ``manifest.json`` (each file's size and sha256), written after DCP's files
+and before the rename. Resuming verifies the checkpoint ``latest`` names against it (sizes; checksums too
+with ``--verify``); when ``latest`` is missing, unreadable or names a damaged checkpoint, training falls back,
+saying so, to the newest checkpoint whose checksums verify, and refuses to start over while checkpoints
+exist (``training.resume=false`` starts over). Evaluation and export verify checksums. DCP's ``.metadata``
+(a pickle) is read with an allow-list of DCP's metadata classes, so no code from a run_dir runs.
+
 ``run_dir`` may be a local path or any fsspec URL (``s3://``, ``gs://``, ``file://``, ...): local paths go
 through DCP's ``FileSystemWriter``, URLs through its ``FsspecWriter``. Layout under
 ``<run_dir>/checkpoints``: ``step_00001000/`` (a DCP checkpoint) and ``latest`` (the name of the newest
@@ -19,8 +26,12 @@ validation under early stopping), which is never pruned.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
+import pickle
 import posixpath
+import sys
 from typing import Any
 
 import fsspec
@@ -30,17 +41,31 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
+
+from recsys.config import UserError
 
 LATEST = "latest"
 BEST = "best"
+MANIFEST = "manifest.json"
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A checkpoint that cannot continue this run as configured."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, or not a checkpoint at all."""
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -106,48 +131,200 @@ def _writer(path: str) -> StorageWriter:
     return FsspecWriter(path, single_file_per_rank=False)
 
 
+# DCP's .metadata is a pickle, and torch unpickles it with pickle.load: a crafted file in a run_dir (which may
+# be a bucket) would run code on `recsys train/eval/export`. Only the classes DCP's metadata is made of, and
+# the torch values they hold, may be loaded; anything else is refused before it is called.
+_DCP = "torch.distributed.checkpoint."
+_METADATA_GLOBALS = {
+    *((_DCP + "metadata", name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )),
+    (_DCP + "filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch's layout object
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if not dtype and (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which DCP checkpoint metadata never holds")
+        return super().find_class(module, name)
+
+
+def _load_metadata(fh: Any, where: str) -> Metadata:
+    """Unpickles a DCP ``.metadata`` stream with ``_MetadataUnpickler``; CheckpointError naming ``where``."""
+    try:
+        metadata = _MetadataUnpickler(fh).load()
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, ValueError, ...)
+        raise CheckpointError(f"{where}: refused: not valid DCP checkpoint metadata ({e})") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{where}: refused: holds a {type(metadata).__name__}, not DCP checkpoint metadata")
+    return metadata
+
+
+class _SafeMetadata:
+    """Mixin for DCP's readers: ``read_metadata`` through ``_load_metadata`` instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
+        try:
+            with self.fs.create_stream(path, "rb") as fh:  # type: ignore[attr-defined]
+                metadata = _load_metadata(fh, str(path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: not a complete checkpoint") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
+        return metadata
+
+
+class _SafeFileSystemReader(_SafeMetadata, dcp.FileSystemReader):
+    pass
+
+
+class _SafeFsspecReader(_SafeMetadata, FsspecReader):
+    pass
+
+
 def _reader(path: str) -> StorageReader:
     fs, local = _fs(path)
-    return dcp.FileSystemReader(local) if isinstance(fs, LocalFileSystem) else FsspecReader(path)
+    return _SafeFileSystemReader(local) if isinstance(fs, LocalFileSystem) else _SafeFsspecReader(path)
 
 
-def _pointed(run_dir: str, pointer_name: str) -> str | None:
-    """Path of the complete checkpoint a pointer file (``latest``, ``best``) names, or None."""
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    with fs.open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _write_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> None:
+    """Size and sha256 of every file of a finished save, written last: a folder without it is incomplete."""
+    prefix = folder.rstrip("/") + "/"
+    files = {
+        path[len(prefix) :]: {"bytes": fs.size(path), "sha256": _sha256(fs, path)}
+        for path in sorted(fs.find(folder))
+        if path.startswith(prefix) and not path.endswith(MANIFEST)
+    }
+    _write_atomic(fs, posixpath.join(folder, MANIFEST), json.dumps({"files": files}, indent=1).encode())
+
+
+def verify_checkpoint(path: str, checksums: bool = False) -> None:
+    """Checks a checkpoint folder against its manifest: every file present with its size, and with
+    ``checksums`` its sha256; then its ``.metadata`` through the allow-list. Raises CheckpointError naming
+    the first file that fails."""
+    fs, local = _fs(path)
+    manifest = posixpath.join(path, MANIFEST)
+    if not fs.isdir(local):
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    try:
+        files = json.loads(fs.cat_file(posixpath.join(local, MANIFEST)))["files"]
+        expected = {name: (int(want["bytes"]), str(want["sha256"])) for name, want in files.items()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest} is missing: an incomplete checkpoint") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
+    for name, (size, digest) in expected.items():
+        file = posixpath.join(local, name)
+        if not fs.isfile(file):
+            raise CheckpointError(f"{posixpath.join(path, name)} is missing")
+        if (actual := fs.size(file)) != size:
+            raise CheckpointError(f"{posixpath.join(path, name)} holds {actual} bytes, {manifest} says {size}: "
+                                  "truncated or overwritten")
+        if checksums and _sha256(fs, file) != digest:
+            raise CheckpointError(f"{posixpath.join(path, name)}: sha256 differs from {manifest}: damaged")
+    _reader(path).read_metadata()
+
+
+def _read_pointer(fs: fsspec.AbstractFileSystem, local_root: str, pointer_name: str) -> str | None:
+    """The checkpoint name a pointer file (``latest``, ``best``) holds, None when there is no such file;
+    CheckpointError when it holds no checkpoint name."""
+    pointer = posixpath.join(local_root, pointer_name)
+    if not fs.isfile(pointer):
+        return None
+    try:
+        name = fs.cat_file(pointer).decode().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer} is not UTF-8 text: it should hold a checkpoint name") from None
+    if not name.startswith("step_") or "/" in name:
+        raise CheckpointError(f"{pointer} holds {name[:80]!r}, not a checkpoint name (step_N)")
+    return name
+
+
+def _pointed(run_dir: str, pointer_name: str, checksums: bool = False) -> str | None:
+    """Path of the checkpoint a pointer file names, verified (``verify_checkpoint``); None when there is no
+    such pointer; CheckpointError when the pointer or its checkpoint is damaged."""
     root = checkpoint_root(run_dir)
     fs, local_root = _fs(root)
-    pointer = posixpath.join(local_root, pointer_name)
-    if not fs.exists(pointer):
+    name = _read_pointer(fs, local_root, pointer_name)
+    if name is None:
         return None
-    name = fs.cat_file(pointer).decode().strip()
-    # DCP writes .metadata last, after every rank's data: its presence marks a complete checkpoint.
-    if not fs.exists(posixpath.join(local_root, name, ".metadata")):
+    path = posixpath.join(root, name)
+    verify_checkpoint(path, checksums)
+    return path
+
+
+def checkpoint_names(run_dir: str) -> list[str]:
+    """Names of the checkpoint folders (``step_N``, complete or not), oldest first."""
+    fs, local_root = _fs(checkpoint_root(run_dir))
+    if not fs.isdir(local_root):
+        return []
+    names = (posixpath.basename(p.rstrip("/")) for p in fs.ls(local_root, detail=False))
+    return sorted(n for n in names if n.startswith("step_") and not n.endswith(".tmp"))
+
+
+def latest_checkpoint(run_dir: str, checksums: bool = False) -> str | None:
+    """The checkpoint to resume from: the one ``latest`` names when it verifies (sizes, and ``checksums``);
+    else the newest that verifies with checksums, with a message naming both. None when the run has no
+    checkpoint folder; CheckpointError when it has some but none is valid."""
+    root = checkpoint_root(run_dir)
+    try:
+        path = _pointed(run_dir, LATEST, checksums)
+        if path is not None:
+            return path
+        problem = f"{posixpath.join(root, LATEST)} is missing"
+    except CheckpointError as e:
+        problem = str(e)
+    names = checkpoint_names(run_dir)
+    if not names:
         return None
-    return posixpath.join(root, name)
+    failures = [problem]
+    for name in reversed(names):
+        path = posixpath.join(root, name)
+        try:
+            verify_checkpoint(path, checksums=True)
+        except CheckpointError as e:
+            failures.append(str(e))
+            continue
+        if _rank() == 0:
+            print(f"recsys: {problem}; falling back to {path}, the newest valid checkpoint", file=sys.stderr)
+        return path
+    raise CheckpointError(
+        f"no valid checkpoint in {root}: " + "; ".join(failures)
+        + ". Repair or move them away, or set training.resume=false to start from step 0"
+    )
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """Path of the newest complete checkpoint, or None."""
-    return _pointed(run_dir, LATEST)
+def best_checkpoint(run_dir: str, checksums: bool = False) -> str | None:
+    """Path of the checkpoint marked best (early stopping's best validation), verified, or None."""
+    return _pointed(run_dir, BEST, checksums)
 
 
-def best_checkpoint(run_dir: str) -> str | None:
-    """Path of the checkpoint marked best (early stopping's best validation), or None."""
-    return _pointed(run_dir, BEST)
-
-
-def resolve_checkpoint(run_dir: str, which: str | None = None) -> str:
+def resolve_checkpoint(run_dir: str, which: str | None = None, checksums: bool = True) -> str:
     """``latest``, ``best``, a checkpoint path, or None: the best checkpoint if there is one, else the
-    latest. Raises FileNotFoundError naming what is missing."""
+    latest; verified with ``checksums`` by default (a damaged file would give wrong numbers silently).
+    Raises FileNotFoundError when there is none, CheckpointError when it is damaged."""
     if which in (None, BEST, LATEST):
-        found = {BEST: best_checkpoint(run_dir), LATEST: latest_checkpoint(run_dir)}
-        path = found[which] if which else found[BEST] or found[LATEST]
+        best = best_checkpoint(run_dir, checksums) if which != LATEST else None
+        path = best if which == BEST or best else latest_checkpoint(run_dir, checksums)
         if path is None:
             what = "checkpoint marked best (train with early_stopping.enabled)" if which == BEST else "checkpoint"
-            raise FileNotFoundError(f"no {what} in {checkpoint_root(run_dir)}")
+            raise FileNotFoundError(f"no {what} in {checkpoint_root(run_dir)}: train first, or pass --checkpoint PATH")
         return path
-    fs, local = _fs(which)
-    if not fs.exists(posixpath.join(local, ".metadata")):
-        raise FileNotFoundError(f"{which} is not a complete checkpoint (no .metadata)")
+    verify_checkpoint(which, checksums)
     return which
 
 
@@ -206,34 +383,44 @@ def save_checkpoint(
                      for k, v in progress.items()},
         f"rng_rank{_rank()}": _rng_state(),
     }
-    dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
+    try:
+        dcp.save(state, storage_writer=_writer(posixpath.join(root, f"{name}.tmp")), planner=ChunkedSavePlanner())
+    except (OSError, CheckpointException) as e:  # DCP's own errors name no path (e.g. a full disk)
+        failures = e.failures.values() if isinstance(e, CheckpointException) else [(e, None)]
+        why = "; ".join(sorted({f"{type(error).__name__}: {error}" for error, _ in failures}))
+        raise CheckpointError(f"writing checkpoint {posixpath.join(root, name)}.tmp failed ({why}): is the disk "
+                              "full? free space there or set training.run_dir elsewhere") from e
     _barrier()
     if _rank() == 0:
+        _write_manifest(fs, tmp)
         final = posixpath.join(local_root, name)
         if fs.exists(final):
             fs.rm(final, recursive=True)
         fs.mv(tmp, final, recursive=True)  # os.rename on a local disk: atomic
         for pointer in [LATEST, BEST] if best else [LATEST]:
-            _write_pointer(fs, posixpath.join(local_root, pointer), name)  # the commit point
+            _write_atomic(fs, posixpath.join(local_root, pointer), name.encode())  # the commit point
         _prune(fs, local_root, keep_last, name)
     _barrier()
     return posixpath.join(root, name)
 
 
-def _write_pointer(fs: fsspec.AbstractFileSystem, pointer: str, name: str) -> None:
-    fs.pipe_file(f"{pointer}.tmp", name.encode())
-    fs.mv(f"{pointer}.tmp", pointer)
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    fs.pipe_file(f"{path}.tmp", data)
+    fs.mv(f"{path}.tmp", path)
 
 
 def _prune(fs: fsspec.AbstractFileSystem, root: str, keep_last: int, latest: str) -> None:
-    """Keeps the newest ``keep_last`` complete checkpoints and the best; drops leftovers of interrupted
-    saves."""
+    """Keeps the newest ``keep_last`` checkpoints up to ``latest`` (the one just saved) and the best; drops
+    leftovers of interrupted saves. Folders newer than ``latest`` (left by a run that went further, then
+    rolled back) are not counted or touched: this run overwrites them when it gets there."""
     names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
-    done = [n for n in names if n.startswith("step_") and not n.endswith(".tmp")]
+    done = [n for n in names if n.startswith("step_") and not n.endswith(".tmp") and n <= latest]
     stale = [n for n in names if n.startswith("step_") and n.endswith(".tmp")]
-    best_pointer = posixpath.join(root, BEST)
-    keep = {latest, fs.cat_file(best_pointer).decode().strip() if fs.exists(best_pointer) else None}
-    for old in [n for n in done[:-keep_last] if n not in keep] + stale:
+    try:
+        best = _read_pointer(fs, root, BEST)
+    except CheckpointError:
+        best = None
+    for old in [n for n in done[:-keep_last] if n not in {latest, best}] + stale:
         fs.rm(posixpath.join(root, old), recursive=True)
 
 

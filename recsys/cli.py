@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Any
 
-from recsys.config import ConfigError
+from recsys.config import UserError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,7 +34,7 @@ def _train(args: argparse.Namespace) -> int:
     from recsys.train import train
 
     try:
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides), verify=args.verify)
     except TrainingStopped as e:
         print(f"recsys: {e}", file=sys.stderr)
         return 128 + e.signum  # the shell's code for "killed by signal": the job did not finish
@@ -52,17 +53,12 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.data.shards import dataset_config
-    from recsys.export import ExportError, export_model
+    from recsys.export import export_model
     from recsys.train import table_sizes
 
     config = dataset_config(load_config(args.config, args.overrides))
     out = args.out or f"{config.training.run_dir}/export"
-    try:
-        manifest = export_model(config, table_sizes(config), out, args.checkpoint, quantize=args.quantize,
-                                onnx=args.onnx)
-    except ExportError as e:
-        print(f"recsys export: error: {e}", file=sys.stderr)
-        return 2
+    manifest = export_model(config, table_sizes(config), out, args.checkpoint, quantize=args.quantize, onnx=args.onnx)
     model = manifest["model"]
     print(f"exported {out}/ from {manifest['checkpoint']} (step {manifest['step']}): {model['file']} "
           f"({model['quantization']}, {model['bytes'] / 2**20:.2f} MiB), manifest.json, preprocessing "
@@ -78,20 +74,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from recsys.data.preprocess import PreprocessError
     from recsys.serving.predict import predict, summarize
-    from recsys.serving.transform import ServingInputError
 
-    try:
-        report = predict(
-            args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
-            max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
-            max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
-            progress=not args.no_progress,
-        )  # fmt: skip
-    except (PreprocessError, ServingInputError) as e:
-        print(f"recsys predict: error: {e}", file=sys.stderr)
-        return 2
+    report = predict(
+        args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
+        max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
+        max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
+        progress=not args.no_progress,
+    )  # fmt: skip
     print(summarize(report))
     return 0
 
@@ -132,6 +122,8 @@ def _checkpoint_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors in input, files and paths (exit status 2 otherwise)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser(
@@ -170,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "resuming from its latest checkpoint), then reports val and test metrics and draws run_dir/plots/. "
         "Run under torchrun/torchx for several processes.",
     )
+    tr.add_argument("--verify", action="store_true",
+                    help="check the sha256 of every file of the checkpoint it resumes from (sizes are always checked)")
     tr.set_defaults(func=_train)
 
     ev = _config_command(
@@ -251,12 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
+_USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _user_message(e: BaseException) -> str | None:
+    """One line for an error the user caused, or None for a bug."""
+    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_ERRNOS:
+        return None
+    if not isinstance(e, (UserError, OSError)):
+        return None
+    if isinstance(e, OSError) and e.filename is not None:
+        hint = ": free space there or choose another path" if e.errno in _DISK_ERRNOS else ""
+        return f"{e.filename}: {e.strerror}{hint}"
+    return " ".join(str(e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"recsys: config error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = None if args.debug else _user_message(e)
+        if message is None:
+            raise
+        print(f"recsys {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

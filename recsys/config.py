@@ -22,7 +22,12 @@ CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A problem the user can fix, named in the message (a file, key or path): the CLI prints the message
+    and exits 2, without a traceback."""
+
+
+class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
 
@@ -315,7 +320,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
-        _set_path(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            problem = " ".join(str(e).split())
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote it "
+                              f"({dotted.strip()}=\"'{raw}'\") or fix the brackets") from None
+        _set_path(tree, dotted.strip(), value)
     return tree
 
 
@@ -342,6 +353,8 @@ def read_yaml(path: Path, what: str = "config file") -> Any:
         return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a {what}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
 

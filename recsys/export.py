@@ -50,7 +50,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import recsys
 from recsys.checkpoint import read_tensors, resolve_checkpoint
-from recsys.config import Config
+from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import load_schema, schema_from_dict
 from recsys.data.shards import is_shard_split, split_batches
@@ -72,7 +72,7 @@ ONNX_TOLERANCE = 1e-5
 PARITY_ROWS = 2048
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be made or fails its own checks."""
 
 

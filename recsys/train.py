@@ -10,6 +10,7 @@ downsampling with calibrated evaluation (``recsys.data.sampling``) and the run's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +28,15 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
-from recsys.checkpoint import best_checkpoint, latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
+from recsys.checkpoint import (
+    best_checkpoint,
+    checkpoint_names,
+    checkpoint_root,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from recsys.config import Config
 from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
@@ -40,6 +49,7 @@ from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
 from recsys.plots import write_plots
+from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
 
 
@@ -206,23 +216,41 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     return evaluate_job(job, data).metrics
 
 
-def train(config: Config) -> dict[str, dict[str, float]]:
-    """Runs the configured job and returns the final validation and test metrics.
+def train(config: Config, verify: bool = False) -> dict[str, dict[str, float]]:
+    """Runs the configured job and returns the final validation and test metrics. ``verify``: check the
+    checksums of the checkpoint it resumes from (sizes are always checked).
 
     On SIGTERM it checkpoints after the current step and raises ``TrainingStopped``.
     """
-    with GracefulStop() as stop:
-        return _train(config, stop)
+    with GracefulStop() as stop, contextlib.ExitStack() as held:
+        return _train(config, stop, verify, held)
 
 
-def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
+def resume_point(run_dir: str, resume: bool, verify: bool, is_main: bool) -> str | None:
+    """The checkpoint a run continues from (``latest_checkpoint``: with a fallback past a damaged one),
+    or None for a fresh start; says which."""
+    if not resume:
+        if is_main and checkpoint_names(run_dir):
+            print(f"training.resume=false: starting from step 0; the checkpoints in {checkpoint_root(run_dir)} "
+                  "are ignored, and overwritten or pruned as this run saves its own")
+        return None
+    path = latest_checkpoint(run_dir, checksums=verify)
+    if path is None and is_main:
+        print(f"no checkpoint in {checkpoint_root(run_dir)}: starting from step 0")
+    return path
+
+
+def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.ExitStack) -> dict[str, dict[str, float]]:
     job = build_job(config)
     config, env, splits, dmp, optimizer = job.config, job.env, job.splits, job.model, job.optimizer
     schedule = job.schedule
     cfg_data, cfg_train = config.data, config.training
     run_dir = cfg_train.run_dir
+    if env.is_main:  # one run per run_dir, held until train() returns
+        held.enter_context(run_dir_lock(run_dir))
+    # Before anything is written: a run_dir whose checkpoints are all damaged stops here.
+    resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
     if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         with open(os.path.join(run_dir, "plan.txt"), "w") as fh:
@@ -233,12 +261,13 @@ def _train(config: Config, stop: GracefulStop) -> dict[str, dict[str, float]]:
     global_batch = cfg_data.batch_size * env.world_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     stopper = EarlyStopping(config.early_stopping)
-    resume_from = latest_checkpoint(run_dir) if cfg_train.resume else None
     if resume_from:
         saved = load_checkpoint(resume_from, dmp, optimizer, global_batch)
         stopper.load_state(saved)
         schedule.load_state(saved)
         progress = {key: int(saved[key]) for key in progress}
+        if env.is_main:
+            print(f"resuming from step {progress['step']} ({resume_from})")
 
     logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
     if cfg_data.negative_downsampling < 1:

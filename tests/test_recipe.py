@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.checkpoint import best_checkpoint, latest_checkpoint, read_tensors, resolve_checkpoint
+from recsys.checkpoint import CheckpointError, best_checkpoint, latest_checkpoint, read_tensors, resolve_checkpoint
 from recsys.cli import main
 from recsys.config import Config, config_from_dict
 from recsys.data.criteo import iterate_batches, load_criteo_tsv
@@ -167,7 +167,7 @@ def test_checkpoint_choice_errors(tmp_path: Path) -> None:
         resolve_checkpoint(str(tmp_path), "best")
     with pytest.raises(FileNotFoundError, match=f"no checkpoint in {tmp_path}/checkpoints"):
         resolve_checkpoint(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="is not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="step_00000001: no such checkpoint folder"):
         resolve_checkpoint(str(tmp_path), str(tmp_path / "step_00000001"))
 
 

@@ -42,8 +42,10 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import select
 import shutil
 import sys
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
@@ -54,7 +56,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from recsys.config import ConfigError
+from recsys.config import UserError
 from recsys.data.schema import Schema, load_schema
 
 FORMAT_VERSION = 1
@@ -73,7 +75,7 @@ WORKER_BYTES_PER_INPUT_BYTE = 7  # raw bytes + polars string columns + parsed co
 WORKER_BYTES_PER_SHARD_ROW_BYTE = 3  # gathered rows + their permutation + the write buffer
 
 
-class PreprocessError(ValueError):
+class PreprocessError(UserError):
     """Bad input or settings; the message names the file, line and column where it applies."""
 
 
@@ -101,6 +103,7 @@ class Settings:
     max_memory_gb: float = 2.0
     strict: bool = False
     max_bad_fraction: float = 0.01
+    accept_truncated: bool = False  # keep the rows before a gzip stream breaks instead of failing
     progress: bool = True
 
 
@@ -122,6 +125,7 @@ class Source:
     data_start: int = 0  # byte offset of the first data line (after the header) in the plain file
     header_lines: int = 0
     rows: int = -1  # data lines, counted only when the file is halved
+    lost: dict | None = None  # where and why a gzip stream broke, when accept_truncated kept its start
 
 
 @dataclass
@@ -220,6 +224,8 @@ def make_sources(settings: Settings, schema: Schema) -> tuple[list[Source], list
             stat = os.stat(source.path)
         except FileNotFoundError:
             raise PreprocessError(f"{source.path}: no such input file") from None
+        if os.path.isdir(source.path):
+            raise PreprocessError(f"{source.path}: a folder, not an input file: name the files in it")
         if stat.st_size == 0:
             raise PreprocessError(f"{source.path}: empty file")
         source.size, source.mtime_ns = stat.st_size, stat.st_mtime_ns
@@ -261,10 +267,11 @@ def _plain_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chun
             start, number = end, number + 1
 
 
-def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk]:
+def _gzip_chunks(index: int, source: Source, chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
     """Whole-line chunks of decompressed bytes, cut exactly where ``_plain_chunks`` cuts the same bytes
     (after the first newline at or past ``chunk_bytes``), so a file gives the same output gzipped or not.
-    A truncated stream ends in a chunk flagged ``truncated``."""
+    A truncated or corrupt stream is a PreprocessError (the rest of the file is lost); with
+    ``accept_truncated`` it ends in a chunk flagged ``truncated`` and ``source.lost`` says what was lost."""
     with gzip.open(source.path, "rb") as fh:
         buffer, number, line, eof, truncated = b"", 0, 1 + source.header_lines, False, False
         if source.header_lines:
@@ -278,7 +285,17 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk
                     while size < chunk_bytes and (block := fh.read1(1 << 20)):
                         blocks.append(block)
                         size += len(block)
-                except (EOFError, gzip.BadGzipFile, zlib.error):
+                except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                    after = line - 1 + buffer.count(b"\n") + sum(b.count(b"\n") for b in blocks)
+                    source.lost = {"error": str(e) or type(e).__name__, "after_line": after,
+                                   "compressed_bytes_read": fh.fileobj.tell(), "compressed_bytes": source.size}
+                    if not accept_truncated:
+                        raise PreprocessError(
+                            f"{source.path}:{after + 1}: gzip stream is truncated or corrupt "
+                            f"({source.lost['error']}; {source.lost['compressed_bytes_read']:,} of {source.size:,} "
+                            "compressed bytes read): the rows from here on are lost; fetch the file again, or "
+                            "pass --accept-truncated to keep the rows before the break"
+                        ) from None
                     truncated = True
                 eof = truncated or size < chunk_bytes
                 buffer += b"".join(blocks)
@@ -290,9 +307,12 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk
             number += 1
 
 
-def iter_chunks(sources: list[Source], chunk_bytes: int) -> Iterator[Chunk]:
+def iter_chunks(sources: list[Source], chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
     for index, source in enumerate(sources):
-        yield from (_gzip_chunks if source.gzip else _plain_chunks)(index, source, chunk_bytes)
+        if source.gzip:
+            yield from _gzip_chunks(index, source, chunk_bytes, accept_truncated)
+        else:
+            yield from _plain_chunks(index, source, chunk_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,6 +650,14 @@ class Columns:
         return out
 
 
+def max_ids(one_hot: list[str], sparse: np.ndarray, multi_values: dict[str, np.ndarray]) -> dict[str, int]:
+    """The largest id of each feature of a shard (``sparse``: the one-hot features' columns; multi-hot
+    values by feature); features without ids are left out. The loader checks them against the tables."""
+    top = {name: int(column) for name, column in zip(one_hot, sparse.max(axis=0))} if len(sparse) else {}
+    top.update({name: int(values.max()) for name, values in multi_values.items() if len(values)})
+    return top
+
+
 def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Indices of the concatenated ranges ``[starts[i], starts[i] + lengths[i])`` (multi-hot gathers)."""
     lengths = lengths.astype(np.int64)
@@ -888,8 +916,10 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
         path = tmp / f"{array}.npy"
         np.save(path, values)
         checksums[path.name] = file_checksum(path)
+    one_hot = [n for n in ctx.schema.sparse if n not in ctx.schema.multi_hot]
     record = {"name": final.name, "rows": task.rows, "fingerprint": task.fingerprint, "checksums": checksums,
-              "positives": int(columns.labels.sum(dtype=np.int64))}
+              "positives": int(columns.labels.sum(dtype=np.int64)),
+              "max_ids": max_ids(one_hot, columns.sparse, {n: v for n, (v, _) in columns.multi.items()})}
     _write_json_atomic(tmp / "shard.json", record)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -958,9 +988,43 @@ def plan_workers(settings: Settings, schema: Schema) -> int:
     return max(1, min(wanted, fit))
 
 
-def _worker_init() -> None:
+def _die_with(parent: int) -> None:
+    """Ends this worker as soon as ``parent`` (the process that made the pool) exits, even by SIGKILL, which
+    runs no clean-up: otherwise the workers live on holding their memory. prctl(PR_SET_PDEATHSIG) cannot do
+    it: a worker's parent is the fork server, which lives as long as any of its children do. So a thread
+    waits on a pidfd of ``parent`` (Linux), or polls it elsewhere."""
+    try:
+        pidfd = os.pidfd_open(parent)
+    except ProcessLookupError:  # already gone
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfds (not Linux >= 5.3)
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        else:
+            while _alive(parent):
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _worker_init(parent: int) -> None:
     # One polars thread per worker process: the pool already uses every core.
     os.environ["POLARS_MAX_THREADS"] = "1"
+    _die_with(parent)
 
 
 class Pool:
@@ -988,7 +1052,8 @@ class Pool:
                     del os.environ["RECSYS_LIGHT_IMPORT"]
                 else:
                     os.environ["RECSYS_LIGHT_IMPORT"] = saved
-            self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+            self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                   initargs=(os.getpid(),))
 
     def imap(self, fn: Callable, ctx: Any, tasks: Iterable) -> Iterator:
         """``fn(ctx, task)`` for each task, yielded in task order, at most 2 tasks per worker in flight."""
@@ -1119,7 +1184,7 @@ def _run_chunks(
         bar.set_postfix(rows_per_s=f"{new_lines / (time.perf_counter() - started):,.0f}")
 
     def todo() -> Iterator[Chunk]:
-        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes):
+        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes, ctx.settings.accept_truncated):
             path = done_path(chunk)
             if path.exists():
                 stats.reused += 1
@@ -1197,7 +1262,8 @@ def run(settings: Settings, schema: Schema) -> dict:
         "tool": "recsys preprocess", "format_version": FORMAT_VERSION, "fingerprint": fp,
         "schema": schema.to_dict(),
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("progress",)},
-        "inputs": [{"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "gzip": s.gzip} for s in sources],
+        "inputs": [{"path": s.path, "size": s.size, "mtime_ns": s.mtime_ns, "gzip": s.gzip, "lost": s.lost}
+                   for s in sources],
         "features": {"dense": schema.dense, "sparse": schema.sparse, "multi_hot": list(schema.multi_hot),
                      "group": schema.group or None},
         "table_sizes": table_sizes,
@@ -1300,6 +1366,11 @@ def summarize(metadata: dict) -> str:
     lines.append(f"  lines {metadata['lines']:,}, skipped bad rows {metadata['bad_rows']:,} {metadata['errors']}")
     for example in metadata["error_examples"]:
         lines.append(f"    {example}")
+    for source in metadata["inputs"]:
+        if lost := source.get("lost"):
+            lines.append(f"  LOST (--accept-truncated): {source['path']} breaks after line {lost['after_line']:,} "
+                         f"({lost['error']}; {lost['compressed_bytes_read']:,} of {lost['compressed_bytes']:,} "
+                         "compressed bytes read): the rest of the file is lost")
     sizes = metadata["table_sizes"]
     lines.append(f"  table sizes: {sum(sizes.values()):,} rows over {len(sizes)} features; vocabularies "
                  f"{metadata['vocab_bytes'] / 2**20:.1f} MiB")
@@ -1346,6 +1417,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="fail at the first malformed row")
     parser.add_argument("--max-bad-fraction", type=float, default=Settings.max_bad_fraction,
                         help="fail when more than this fraction of lines is malformed (default 0.01)")
+    parser.add_argument("--accept-truncated", action="store_true",
+                        help="keep the rows before the break of a truncated or corrupt .gz input (the loss is "
+                        "reported in the summary and metadata.json) instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -1359,11 +1433,12 @@ def main_from_args(args: argparse.Namespace) -> int:
         out=args.out, inputs=args.inputs, split=args.split, ratios=args.ratios, seed=args.seed,
         shuffle=args.shuffle, shard_rows=args.shard_rows, chunk_bytes=int(args.chunk_mb * 2**20),
         workers=args.workers, max_memory_gb=args.max_memory_gb, strict=args.strict,
-        max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress,
+        max_bad_fraction=args.max_bad_fraction, accept_truncated=args.accept_truncated,
+        progress=not args.no_progress,
     )  # fmt: skip
     try:
         metadata = run(settings, load_schema(args.schema, overrides))
-    except (PreprocessError, ConfigError) as e:
+    except UserError as e:
         print(f"recsys preprocess: error: {e}", file=sys.stderr)
         return 2
     print(summarize(metadata))

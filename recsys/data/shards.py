@@ -25,13 +25,47 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from recsys.config import Config, ConfigError, validate
+from recsys.config import Config, ConfigError, UserError, validate
 from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
-from recsys.data.preprocess import gather_ranges
+from recsys.data.preprocess import gather_ranges, max_ids
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A folder that is not a complete, consistent preprocessed split."""
+
+
+def read_metadata(path: Path) -> dict:
+    """A dataset's ``metadata.json``, with the keys the loader uses checked; ShardError naming the file and
+    the key otherwise (an edited, truncated or foreign file)."""
+
+    def bad(what: str) -> ShardError:
+        return ShardError(f"{path}: {what}; re-run `recsys preprocess` to rewrite it")
+
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise bad(f"unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    if missing := [key for key in ("fingerprint", "features", "table_sizes", "splits") if key not in meta]:
+        raise bad(f"missing key(s) {missing}")
+    features, sizes, splits = meta["features"], meta["table_sizes"], meta["splits"]
+    if not isinstance(features, dict) or not all(isinstance(features.get(k), list) for k in ("dense", "sparse", "multi_hot")):
+        raise bad("features must hold the lists dense, sparse and multi_hot")
+    for feature in features["sparse"]:
+        size = sizes.get(feature) if isinstance(sizes, dict) else None
+        if type(size) is not int or size <= 0:
+            raise bad(f"table_sizes.{feature} is {size!r}, not a positive integer")
+    if not isinstance(splits, dict):
+        raise bad("splits must be a mapping")
+    for split, info in splits.items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and type(s.get("rows")) is int and s["rows"] >= 0
+            for s in shards
+        ):
+            raise bad(f"splits.{split}.shards must list {{name, rows}} records")
+    return meta
 
 
 def is_shard_split(path: str | Path) -> bool:
@@ -61,6 +95,10 @@ class _Shard:
             raise ShardError(f"{path}: arrays hold {sorted(sizes)} rows, metadata says {rows}")
         self.offsets: dict[str, np.ndarray] = {}
 
+    def max_ids(self, one_hot: list[str]) -> dict[str, int]:
+        """The largest id of each feature: one pass over the shard's ids."""
+        return max_ids(one_hot, np.asarray(self.sparse), {n: np.asarray(v) for n, (v, _) in self.multi.items()})
+
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
         """labels, dense, sparse and multi-hot (values, lengths) of ``rows``."""
         multi = {}
@@ -87,7 +125,7 @@ class ShardedSplit:
             raise ShardError(f"{path}: no such split folder")
         if not meta_path.is_file():
             raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
-        self.metadata = json.loads(meta_path.read_text())
+        self.metadata = read_metadata(meta_path)
         self.name = path.name
         if self.name not in self.metadata["splits"]:
             raise ShardError(f"{path}: {meta_path} has splits {list(self.metadata['splits'])}, not {self.name!r}")
@@ -100,12 +138,37 @@ class ShardedSplit:
         info = self.metadata["splits"][self.name]
         grouped = bool(self.group)
         self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot, grouped) for s in info["shards"]]
+        for record, shard in zip(info["shards"], self.shards):
+            self._check(path / record["name"], shard, record, meta_path)
         self.sizes = np.array([s["rows"] for s in info["shards"]], dtype=np.int64)
         self.rows = int(self.sizes.sum())
         self.kept: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return self.rows
+
+    def _check(self, where: Path, shard: _Shard, record: dict, meta_path: Path) -> None:
+        """The shard matches the metadata: its columns are the listed features, its ids fit the tables
+        (out-of-range ids would be silently clamped to row 0 by FBGEMM)."""
+        one_hot = [f for f in self.sparse_features if f not in self.multi_hot]
+        if shard.dense.shape[1:] != (len(self.dense_features),) or shard.sparse.shape[1:] != (len(one_hot),):
+            raise ShardError(
+                f"{where}: holds {shard.dense.shape[1:]} dense and {shard.sparse.shape[1:]} one-hot id columns, but "
+                f"{meta_path} lists {len(self.dense_features)} dense and {len(one_hot)} one-hot sparse features: the "
+                "metadata does not describe these shards (edited, or from another run); re-run recsys preprocess"
+            )
+        limits = dict(zip(self.sparse_features, self.table_sizes))
+        # Recorded by preprocessing; shards written before it recorded them are scanned.
+        for feature, top in (record.get("max_ids") or shard.max_ids(one_hot)).items():
+            if feature not in limits:
+                raise ShardError(f"{where}: holds ids of feature {feature!r}, which {meta_path} does not list in "
+                                 "features.sparse; re-run recsys preprocess")
+            if top >= limits[feature]:
+                raise ShardError(
+                    f"{where}: feature {feature!r} has id {top} but {meta_path} gives its table "
+                    f"{limits[feature]} rows (table_sizes.{feature}): the ids would be out of range; re-run "
+                    "recsys preprocess or restore the metadata"
+                )
 
     def restrict(self, kept: list[np.ndarray]) -> None:
         """From now on every epoch draws only the local rows ``kept[k]`` (sorted) of shard k."""
@@ -252,7 +315,7 @@ def dataset_config(config: Config) -> Config:
     if sharded != set(paths):
         raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
                           "not: use the splits of one `recsys preprocess` output")
-    metadata = {key: json.loads((Path(path).parent / "metadata.json").read_text()) for key, path in paths.items()}
+    metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
     if len({m["fingerprint"] for m in metadata.values()}) > 1:
         raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
     meta = metadata["train"]

@@ -30,13 +30,14 @@ from recsys.data.preprocess import (
     map_columns,
     parse_chunk,
 )
+from recsys.config import UserError
 from recsys.data.schema import Schema
 
 # Separator used to hand a DataFrame to the parser: the ASCII unit separator, never part of a log token.
 FRAME_DELIMITER = "\x1f"
 
 
-class ServingInputError(ValueError):
+class ServingInputError(UserError):
     """Input that cannot be scored as a whole (a missing column, an unreadable file); names what is wrong."""
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_helpers import criteo_lines, write_lines
-from recsys.data.preprocess import PreprocessError, Settings, run
+from recsys.data.preprocess import PreprocessError, Settings, run, summarize
 from recsys.data.schema import load_schema
 
 SCHEMA = load_schema("criteo", {"sparse_mode": "hash"})
@@ -74,17 +74,22 @@ def test_too_many_bad_rows_fail_without_complete_output(tmp_path):
     assert meta["errors"]["sparse"] == 30
 
 
-def test_truncated_gzip(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_broken_gzip_is_fatal_unless_accepted(tmp_path, damage):
     lines = criteo_lines()
     whole = gzip.compress("".join(lines).encode())
+    cut = len(whole) * 2 // 3
+    broken = whole[:cut] if damage == "truncated" else whole[:cut] + bytes(64) + whole[cut + 64 :]
     path = tmp_path / "day.gz"
-    path.write_bytes(whole[: len(whole) * 2 // 3])
-    meta = go(tmp_path, [path], workers=2)
-    assert meta["errors"]["truncated"] == 1
-    assert 0 < meta["lines"] < len(lines) and meta["bad_rows"] == 1
-    assert "gzip stream ends" in meta["error_examples"][0]
-    with pytest.raises(PreprocessError, match=rf"^{path}:\d+:-: truncated error"):
-        run(Settings(out=str(tmp_path / "strict"), inputs=[str(path)], progress=False, strict=True), SCHEMA)
+    path.write_bytes(broken)
+    with pytest.raises(PreprocessError, match=rf"^{path}:\d+: gzip stream is truncated or corrupt .*--accept-truncated"):
+        go(tmp_path, [path], workers=2)
+    assert not (tmp_path / "out" / "metadata.json").exists()
+    meta = go(tmp_path, [path], workers=2, accept_truncated=True, max_bad_fraction=1.0)  # corrupt: garbage lines first
+    assert 0 < meta["lines"] < len(lines)
+    (lost,) = [source["lost"] for source in meta["inputs"]]
+    assert 0 < lost["after_line"] < len(lines) and lost["compressed_bytes"] == len(broken)
+    assert f"LOST (--accept-truncated): {path} breaks after line" in summarize(meta)
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n"], ids=["zero_bytes", "blank_lines"])
