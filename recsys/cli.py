@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under torchrun/torchx for several processes.",
     )
     tr.add_argument("--verify", action="store_true",
-                    help="check the sha256 of every file of the checkpoint it resumes from (sizes are always checked)")
+                    help="check the sha256 of every file of the checkpoint it resumes from (sizes are always checked) and of every data shard")
     tr.set_defaults(func=_train)
 
     ev = _config_command(

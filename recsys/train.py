@@ -248,7 +248,12 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     run_dir = cfg_train.run_dir
     if env.is_main:  # one run per run_dir, held until train() returns
         held.enter_context(run_dir_lock(run_dir))
-    # Before anything is written: a run_dir whose checkpoints are all damaged stops here.
+    # Before anything is written: with --verify, shards changed since preprocessing stop here, and so does a
+    # run_dir whose checkpoints are all damaged.
+    if verify:
+        for split in (splits.train, splits.val, splits.test):
+            if isinstance(split, ShardedSplit):
+                split.verify_checksums()
     resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
     if env.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:

@@ -27,7 +27,7 @@ from torchrec.datasets.utils import Batch
 
 from recsys.config import Config, ConfigError, UserError, validate
 from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
-from recsys.data.preprocess import gather_ranges, max_ids
+from recsys.data.preprocess import file_checksum, gather_ranges, max_ids
 
 
 class ShardError(UserError):
@@ -126,6 +126,7 @@ class ShardedSplit:
         if not meta_path.is_file():
             raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
         self.metadata = read_metadata(meta_path)
+        self.path = path
         self.name = path.name
         if self.name not in self.metadata["splits"]:
             raise ShardError(f"{path}: {meta_path} has splits {list(self.metadata['splits'])}, not {self.name!r}")
@@ -169,6 +170,20 @@ class ShardedSplit:
                     f"{limits[feature]} rows (table_sizes.{feature}): the ids would be out of range; re-run "
                     "recsys preprocess or restore the metadata"
                 )
+
+    def verify_checksums(self) -> None:
+        """Checks every shard file against the sha256 preprocessing recorded in its ``shard.json``; raises
+        ShardError naming the first file that differs (``recsys train --verify``)."""
+        for record in self.metadata["splits"][self.name]["shards"]:
+            shard_dir = self.path / record["name"]
+            try:
+                checksums = json.loads((shard_dir / "shard.json").read_text())["checksums"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ShardError(f"{shard_dir / 'shard.json'}: no readable checksums ({e}); re-run recsys preprocess") from None
+            for name, digest in checksums.items():
+                if file_checksum(shard_dir / name) != digest:
+                    raise ShardError(f"{shard_dir / name}: sha256 differs from {shard_dir / 'shard.json'}: the shard "
+                                     "was changed after preprocessing; re-run recsys preprocess")
 
     def restrict(self, kept: list[np.ndarray]) -> None:
         """From now on every epoch draws only the local rows ``kept[k]`` (sorted) of shard k."""

@@ -74,3 +74,14 @@ def test_truncated_metadata_names_the_file(copy: Path) -> None:
     meta_path.write_text(meta_path.read_text()[:50])
     with pytest.raises(ShardError, match=re.escape(f"{meta_path}: unreadable")):
         ShardedSplit(copy / "train")
+
+
+def test_verify_finds_a_shard_changed_after_preprocessing(copy: Path) -> None:
+    ShardedSplit(copy / "train").verify_checksums()  # as written: passes
+    dense = next((copy / "train").glob("part-*/dense.npy"))
+    data = bytearray(dense.read_bytes())
+    data[-1] ^= 0xFF  # same size, other values: only a checksum sees it
+    dense.write_bytes(bytes(data))
+    split = ShardedSplit(copy / "train")
+    with pytest.raises(ShardError, match=re.escape(str(dense)) + ".*sha256 differs"):
+        split.verify_checksums()
