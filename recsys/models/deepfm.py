@@ -47,17 +47,52 @@ def table_width(embedding_dim: int) -> int:
     return -(-(embedding_dim + 1) // FBGEMM_DIM_ALIGNMENT) * FBGEMM_DIM_ALIGNMENT
 
 
+class _TableBackwardThreads:
+    """Runs FBGEMM's CPU table backward with fewer intra-op threads than the rest of the step.
+
+    On the 2-core benchmark box the fused exact-Adagrad backward took 13 ms a step with two threads and
+    8.5 ms with one (its parallel loop over tables scales badly), the largest single cost of the step. The
+    gradient of the pooled rows is the last one computed before that kernel runs, so a hook on it lowers
+    torch's thread count; the next forward restores it before the MLP. Off on CUDA and where
+    ``threads`` >= the current count.
+    """
+
+    def __init__(self) -> None:
+        self.restore_to = 0
+
+    def restore(self) -> None:
+        if self.restore_to:
+            torch.set_num_threads(self.restore_to)
+            self.restore_to = 0
+
+    def attach(self, pooled_rows: torch.Tensor, threads: int) -> None:
+        if threads <= 0 or pooled_rows.is_cuda or not pooled_rows.requires_grad or threads >= torch.get_num_threads():
+            return
+
+        def lower(grad: torch.Tensor) -> None:
+            self.restore_to = torch.get_num_threads()
+            torch.set_num_threads(threads)
+
+        pooled_rows.register_hook(lower)
+
+
+_TABLE_BACKWARD_THREADS = _TableBackwardThreads()
+
+
 @torch.fx.wrap
-def _in_field_order(pooled: KeyedTensor, feature_names: list[str]) -> torch.Tensor:
+def _in_field_order(pooled: KeyedTensor, feature_names: list[str], table_backward_threads: int) -> torch.Tensor:
     """[B, F_sparse * W] pooled rows in field order; a copy only when the (sharded) EBC emitted another order.
 
     A sharded EBC emits its features grouped by sharding type, which on one rank or with table-wise-only plans
     is already field order: then the regroup would be a pure copy of the largest activation of the step.
-    Wrapped for fx: the traced graph keeps this call (the key comparison is not traceable).
+    Wrapped for fx: the traced graph keeps this call (the key comparison is not traceable). In training it
+    also sets the thread count of the tables' backward (``_TableBackwardThreads``); TorchScript skips that.
     """
-    if pooled.keys() == feature_names:
-        return pooled.values()
-    return KeyedTensor.regroup([pooled], [feature_names])[0]
+    values = pooled.values() if pooled.keys() == feature_names else KeyedTensor.regroup([pooled], [feature_names])[0]
+    if not torch.jit.is_scripting():
+        _TABLE_BACKWARD_THREADS.restore()
+        _TABLE_BACKWARD_THREADS.attach(values, table_backward_threads)
+    return values
 
 
 class _FieldSums(torch.autograd.Function):
@@ -105,13 +140,17 @@ class SparseArch(nn.Module):
         Tensor [B, F_sparse, W], W = table width: per field ``[v (D) | w (1) | padding]``.
     """
 
-    def __init__(self, embedding_bag_collection: EmbeddingBagCollection, feature_names: list[str]) -> None:
+    def __init__(
+        self, embedding_bag_collection: EmbeddingBagCollection, feature_names: list[str], table_backward_threads: int = 0
+    ) -> None:
         super().__init__()
         self.embedding_bag_collection = embedding_bag_collection
         self.feature_names = list(feature_names)
+        self.table_backward_threads = table_backward_threads
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        values = _in_field_order(self.embedding_bag_collection(features), self.feature_names)
+        pooled = self.embedding_bag_collection(features)
+        values = _in_field_order(pooled, self.feature_names, self.table_backward_threads)
         return values.view(values.size(0), len(self.feature_names), -1)
 
 
@@ -276,10 +315,11 @@ class DeepFM(nn.Module):
         batch_norm: bool = False,
         init_std: float = 1e-2,
         mlp_bfloat16: bool = False,
+        table_backward_threads: int = 0,
     ) -> None:
         super().__init__()
         self.embedding_dim = embedding_dim
-        self.sparse_arch = SparseArch(embedding_bag_collection, sparse_feature_names)
+        self.sparse_arch = SparseArch(embedding_bag_collection, sparse_feature_names, table_backward_threads)
         self.dense_arch = DenseArch(num_dense, embedding_dim, init_std)
         self.fm = FactorizationMachine()
         self.deep_arch = DeepArch(
@@ -378,6 +418,7 @@ def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: 
         batch_norm=m.batch_norm,
         init_std=m.embedding_init_std,
         mlp_bfloat16=m.mlp_precision == "bfloat16" or (m.mlp_precision == "auto" and fast_bfloat16()),
+        table_backward_threads=config.training.table_backward_threads,
     )
 
 

@@ -164,3 +164,21 @@ def test_byte_dropout_keeps_expected_share_scales_and_is_identity_in_eval() -> N
     torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 256 / 205))
     assert abs(y.mean().item() - 1.0) < 0.02  # inverted dropout keeps the expectation
     torch.testing.assert_close(drop.eval()(x), x)
+
+
+def test_table_backward_runs_on_fewer_threads_and_next_forward_restores() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = small_model()
+        model.sparse_arch.table_backward_threads = 1
+        kjt, dense = multi_hot_kjt(), torch.rand(3, len(DENSE))
+        seen: list[int] = []
+        weight = model.sparse_arch.embedding_bag_collection.embedding_bags["t_C1"].weight
+        weight.register_hook(lambda grad: seen.append(torch.get_num_threads()))
+        model(dense, kjt).sum().backward()
+        assert seen == [1]
+        model(dense, kjt)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
