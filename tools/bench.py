@@ -319,7 +319,7 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {"plain": worker_plain, "dee
 
 def measure_process(command: list[str]) -> int:
     """Runs ``command`` to completion and returns the peak summed RSS of its process tree (bytes)."""
-    proc, _, errors, peak = run_measured(command, {"PYTHONUNBUFFERED": "1"})
+    proc, _, errors, peak = run_measured(command, {"PYTHONUNBUFFERED": "1"}, pss=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{errors[-4000:]}")
     return peak["rss"]
