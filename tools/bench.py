@@ -32,6 +32,7 @@ width and batch) and a summary line with the ratios. Run it alone on the machine
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -105,11 +106,12 @@ def read_split(shards: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.nda
     return labels, dense, sparse
 
 
+@functools.cache
 def model_shape() -> dict[str, Any]:
     from recsys.config import load_config
 
-    model = load_config(REPO / "configs" / "synthetic.yaml").model
-    data = load_config(REPO / "configs" / "synthetic.yaml").data
+    config = load_config(REPO / "configs" / "synthetic.yaml")
+    model, data = config.model, config.data
     return {"embedding_dim": model.embedding_dim, "deep_layers": model.deep_layers, "batch_size": data.batch_size,
             "eval_batch_size": data.eval_batch_size}  # fmt: skip
 
@@ -138,8 +140,9 @@ def run_recsys(shards: Path, work: Path) -> dict[str, Any]:
     train_peak, records = train_recsys(shards, run_dir)
     steps = [r for r in records if r["stage"] == "train"]
     seconds, samples, last_step = 0.0, 0.0, 0
+    batch = model_shape()["batch_size"]
     for r in steps:  # each window logs its rate; its length is the step count since the previous window
-        window = (r["step"] - last_step) * model_shape()["batch_size"]
+        window = (r["step"] - last_step) * batch
         seconds, samples, last_step = seconds + window / r["samples_per_s"], samples + window, r["step"]
     eval_peak = measure_process([sys.executable, "-m", "recsys", "eval", str(REPO / "configs" / "synthetic.yaml"),
                                  *recsys_overrides(shards, run_dir), "--split", "test"])  # fmt: skip

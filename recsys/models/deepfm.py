@@ -24,7 +24,7 @@ fx-traceable.
 
 from __future__ import annotations
 
-from functools import partial
+import functools
 from typing import Any
 
 import torch
@@ -390,7 +390,7 @@ def table_configs(
             pooling=PoolingType.SUM if pooling == "sum" else PoolingType.MEAN,
             # Small normal init: uniform(+-1/sqrt(n)) is TorchRec's default, N(0,1) nn.Embedding's; the
             # latter makes the FM term explode on Criteo-sized inputs.
-            init_fn=partial(nn.init.normal_, mean=0.0, std=init_std),
+            init_fn=functools.partial(nn.init.normal_, mean=0.0, std=init_std),
         )
         for name, features in groups.items()
     ]
@@ -422,6 +422,7 @@ def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: 
     )
 
 
+@functools.cache
 def fast_bfloat16() -> bool:
     """True where bfloat16 matrix products run in hardware: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX.
 
