@@ -23,7 +23,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from recsys.data.preprocess import main_from_args
+    from recsys.data.preprocess.cli import main_from_args
 
     return main_from_args(args)
 
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a 41st column: a user id among N, with a per-user click bias (for GAUC)")
     gen.set_defaults(func=_generate)
 
-    from recsys.data.preprocess import add_arguments
+    from recsys.data.preprocess.cli import add_arguments
 
     pre = sub.add_parser(
         "preprocess",

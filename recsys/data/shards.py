@@ -26,8 +26,14 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from recsys.config import Config, ConfigError, UserError, validate
-from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
-from recsys.data.preprocess import file_checksum, gather_ranges, max_ids
+from recsys.data.criteo import (
+    ArrayData,
+    iterate_batches,
+    make_batch,
+    num_batches,
+    rank_bounds,
+)
+from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
 
 
 class ShardError(UserError):
@@ -79,17 +85,11 @@ class _Shard:
 
     def __init__(self, path: Path, rows: int, multi_hot: list[str], grouped: bool) -> None:
         try:
-            self.labels = np.load(path / "labels.npy", mmap_mode="r")
-            self.dense = np.load(path / "dense.npy", mmap_mode="r")
-            self.sparse = np.load(path / "sparse.npy", mmap_mode="r")
-            self.groups = np.load(path / "groups.npy", mmap_mode="r") if grouped else None
-            self.multi = {
-                name: (np.load(path / f"{name}.values.npy", mmap_mode="r"),
-                       np.load(path / f"{name}.lengths.npy", mmap_mode="r"))
-                for name in multi_hot
-            }  # fmt: skip
+            columns = Columns.load(path, multi_hot, grouped)
         except FileNotFoundError as e:
             raise ShardError(f"{path}: incomplete shard ({e.filename} missing); re-run recsys preprocess") from None
+        self.labels, self.dense, self.sparse = columns.labels, columns.dense, columns.sparse
+        self.groups, self.multi = columns.groups, columns.multi
         sizes = {len(self.labels), len(self.dense), len(self.sparse), *(len(v[1]) for v in self.multi.values())}
         if sizes != {rows}:
             raise ShardError(f"{path}: arrays hold {sorted(sizes)} rows, metadata says {rows}")

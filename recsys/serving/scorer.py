@@ -13,10 +13,19 @@ import polars as pl
 import torch
 
 from recsys.data.criteo import jagged_ids
-from recsys.data.preprocess import BadInput, Chunk, PhaseStats, bad_input_error
+from recsys.data.preprocess.parse import BadInput
+from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
+from recsys.data.preprocess.sources import Chunk
 from recsys.data.schema import schema_from_dict
 from recsys.export import MANIFEST
-from recsys.serving.transform import Preprocessing, Rows, ServingInputError, frame_rows, text_rows, transform
+from recsys.serving.transform import (
+    Preprocessing,
+    Rows,
+    ServingInputError,
+    frame_rows,
+    text_rows,
+    transform,
+)
 
 
 class Scorer:
