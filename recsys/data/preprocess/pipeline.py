@@ -13,14 +13,13 @@ Pipeline, per run (``OUT`` is the output folder):
 2. *Parse*: each chunk is parsed, checked, transformed (dense ``log1p(max(x, 0))``; sparse tokens -> int64
    keys, and in hash mode straight to table rows) and split; its rows are written per split to
    ``OUT/.work/<fp>/parts/<chunk>/``, already permuted when ``shuffle`` is on. In vocab mode the chunk's
-   train-split token counts go along (``counts.parquet``).
-3. *Vocabulary* (vocab mode): the counts are merged into ``OUT/vocab/<feature>.parquet`` (token, count in
-   id order; id 0 = missing, 1 = out of vocabulary or rarer than ``min_count``, then by count).
-4. *Shard*: each split becomes shards of ``shard_rows`` rows ``OUT/<split>/part-NNNNN/`` (``labels.npy``
-   int8 [N], ``dense.npy`` float32 [N, F_dense], ``sparse.npy`` int32 [N, F_one_hot], and per multi-hot
-   feature ``<f>.values.npy`` int32 / ``<f>.lengths.npy`` int32 [N]); vocab mode maps keys to ids here.
-   A shard gathers a contiguous run of
-   rows from every part. With ``shuffle``, how many rows each part gives each shard is drawn from a
+   train-split token counts go along (``counts.*``, see ``vocabulary``).
+3. *Vocabulary* (vocab mode): the counts are merged, in parallel and within the memory setting, into
+   ``OUT/vocab/<feature>.parquet`` (token, count in id order; id 0 = missing, 1 = out of vocabulary or
+   rarer than ``min_count``, then by count).
+4. *Shard*: each split becomes shards of ``shard_rows`` rows ``OUT/<split>/part-NNNNN/`` in the layout of
+   ``recsys.data.layout``; vocab mode maps keys to ids here. A shard gathers a contiguous run of rows from
+   every part. With ``shuffle``, how many rows each part gives each shard is drawn from a
    multivariate hypergeometric law, and rows are permuted within parts and shards: together a uniformly
    random global permutation, in memory of one shard.
 5. ``OUT/metadata.json`` is written last (temp + rename): its presence marks a complete output. It records
@@ -57,7 +56,12 @@ from recsys.data.preprocess.base import (
     Settings,
     write_json_atomic,
 )
-from recsys.data.preprocess.encode import encode, map_columns
+from recsys.data.preprocess.encode import (
+    encode,
+    factorize_columns,
+    map_columns,
+    save_uniques,
+)
 from recsys.data.preprocess.parse import (
     BadInput,
     ChunkResult,
@@ -75,35 +79,41 @@ from recsys.data.preprocess.sources import (
     make_sources,
     read_chunk,
 )
-from recsys.data.preprocess.vocabulary import build_vocab, train_counts
+from recsys.data.preprocess.vocabulary import build_vocab, write_chunk_counts
 from recsys.data.preprocess.writer import shard_is_current, write_shards
 from recsys.data.schema import Schema
 
 
 def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
     """Parses, checks, transforms and splits one chunk into ``parts/<chunk>/<split>.<array>.npy``. Hash mode
-    stores table rows; vocab mode int64 keys (mapped once the vocabulary is known) and the train split's
-    token counts (``counts.parquet``)."""
+    stores table rows; vocab mode codes and each feature's distinct keys (``uniques.npy``; mapped once the
+    vocabulary is known) and the train split's token counts (``counts.*``)."""
     started = time.perf_counter()
     source = ctx.sources[chunk.source]
     parsed = parse_chunk(read_chunk(chunk, source), source, ctx.schema, chunk, ctx.settings.strict)
     columns = encode(parsed, ctx.schema)
-    if ctx.schema.sparse_mode == "hash":
+    vocab = ctx.schema.sparse_mode == "vocab"
+    if vocab:
+        columns, uniques = factorize_columns(columns, ctx.schema)
+    else:
         columns = map_columns(columns, ctx.schema, ctx.vocab_dir)
     split = split_of_rows(chunk, source, parsed, ctx)
     final = Path(ctx.work) / "parts" / chunk.key
     tmp = final.with_name(f".{chunk.key}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if vocab:
+        save_uniques(tmp, uniques)
     rows = {}
     for s, name in enumerate(ctx.split_names):
         idx = np.flatnonzero(split == s)
-        if ctx.schema.sparse_mode == "vocab" and name == "train":
-            train_counts(parsed, idx, ctx.schema).write_parquet(tmp / "counts.parquet")
         if ctx.settings.shuffle:
             idx = np.random.default_rng([ctx.settings.seed, 5, chunk.source, chunk.index, s]).permutation(idx)
+        taken = columns.take(idx)
+        if vocab and name == "train":
+            write_chunk_counts(columns, taken, uniques, parsed, ctx.schema, tmp)
         if len(idx):
-            for array, values in columns.take(idx).arrays().items():
+            for array, values in taken.arrays().items():
                 np.save(tmp / f"{name}.{array}.npy", values)
         rows[name] = int(len(idx))
     result = chunk_result(chunk, parsed, rows, started)
@@ -274,7 +284,7 @@ def run(settings: Settings, schema: Schema) -> dict:
         vocab_stats = None
         if schema.sparse_mode == "vocab":
             vocab_dir = out / "vocab"
-            vocab_stats = build_vocab(ctx, results, vocab_dir, fp)
+            vocab_stats = build_vocab(ctx, pool, results, vocab_dir, fp)
             ctx.vocab_dir = str(vocab_dir)
             phases["vocab"] = time.perf_counter() - started - sum(phases.values())
         splits = write_shards(ctx, pool, results, fp, out)

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from recsys.data.layout import Columns, file_checksum, max_ids, multi_hot_arrays
 from recsys.data.preprocess.base import PreprocessError, write_json_atomic
-from recsys.data.preprocess.encode import map_columns
+from recsys.data.preprocess.encode import load_uniques, map_codes
 from recsys.data.preprocess.parse import ChunkResult
 from recsys.data.preprocess.pool import Pool
 from recsys.data.preprocess.sources import Context
@@ -97,7 +97,8 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     grouped = bool(ctx.schema.group)
     pieces = [_read_segment(Path(p), task.split, s, n, multi, grouped) for p, s, n in task.segments]
     if ctx.schema.sparse_mode == "vocab":
-        pieces = [map_columns(piece, ctx.schema, ctx.vocab_dir) for piece in pieces]
+        pieces = [map_codes(piece, load_uniques(Path(part)), ctx.schema, ctx.vocab_dir)
+                  for piece, (part, _, _) in zip(pieces, task.segments)]  # fmt: skip
     columns = _concat(pieces)
     del pieces
     if len(columns) != task.rows:
