@@ -35,7 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recsys.config import Config
+from recsys.config import Config, ConfigError, registry
 from recsys.losses import CTRLoss
 
 # FBGEMM's fused embedding kernels need table (and shard) widths divisible by 4.
@@ -195,7 +195,9 @@ class FactorizationMachine(nn.Module):
         return 0.5 * ((field_sum * field_sum).sum(dim=1) - squared_norms)
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, type[nn.Module]] = registry(
+    "model.activation", {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+)
 
 _RANDOM_WORD = (-(2**63), 2**63 - 1)
 
@@ -396,12 +398,24 @@ def table_configs(
     ]
 
 
-def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: torch.device | str = "cpu") -> DeepFM:
-    """Builds DeepFM from a config. ``device="meta"`` defers table allocation to DistributedModelParallel."""
+def build_deepfm(config: Config, device: torch.device | str = "cpu") -> DeepFM:
+    """Builds DeepFM from a resolved config (``recsys.resolve.resolve_config``): features from ``data``,
+    one table size per sparse feature from ``model.num_embeddings``. ``device="meta"`` defers table
+    allocation to DistributedModelParallel.
+
+    Example::
+
+        config = resolve_config(load_config("configs/synthetic.yaml"))
+        model = build_deepfm(config)
+        logits = model(batch.dense_features, batch.sparse_features)  # [B]
+    """
     m, data = config.model, config.data
+    if not isinstance(m.num_embeddings, list) or len(m.num_embeddings) != len(data.sparse_features):
+        raise ConfigError("build_deepfm needs a resolved config (recsys.resolve.resolve_config): one "
+                          f"model.num_embeddings per sparse feature, got {m.num_embeddings!r}")
     tables = table_configs(
         data.sparse_features,
-        num_embeddings_per_feature,
+        m.num_embeddings,
         m.embedding_dim,
         m.pooling,
         m.shared_tables,

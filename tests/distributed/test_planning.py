@@ -10,7 +10,7 @@ from recsys.cli import main
 from recsys.config import ConfigError, config_from_dict, load_config
 from recsys.distributed.local import run_local
 from recsys.distributed.planning import dry_run, format_report
-from recsys.distributed.sharding import PlanError
+from recsys.distributed.planning import PlanError
 from tests.distributed.conftest import tiny_config
 from tests.distributed.workers import train_each
 
