@@ -21,6 +21,12 @@ complete one). A checkpoint is written to ``step_N.tmp``, renamed when every ran
 then does ``latest`` move to it; a crash at any point leaves ``latest`` naming the previous complete
 checkpoint. The newest ``keep_last`` checkpoints are kept, and the one named by ``best`` (the best
 validation under early stopping), which is never pruned.
+
+Why fsspec and not iopath (torchrec's optional path layer, once declared here): DCP's ``FsspecWriter`` /
+``FsspecReader`` are fsspec-based, so checkpoints need fsspec whatever else is used; fsspec's protocols
+(s3, gcs, azure, hdfs, http, memory) cover what iopath's path handlers do, and its ``memory://`` filesystem
+lets the tests exercise the URL route without a bucket. A second path layer would give users two ways to
+name the same storage, with different credentials and caching settings.
 """
 
 from __future__ import annotations
