@@ -133,7 +133,26 @@ RESERVED_FRACTION = 0.15
 
 @dataclass
 class Planner:
-    """TorchRec's planner with the pieces recsys reports on: the reserved topology and the chosen options."""
+    """TorchRec's ``EmbeddingShardingPlanner`` with the pieces recsys reports on: the reserved topology and
+    the chosen options, and a ``PlanError`` naming the tables that cannot fit instead of TorchRec's error.
+
+    Args:
+        config: a resolved config (its ``sharding`` section and ``data.batch_size``, per rank).
+        topology: ``make_topology(config, world_size, local_world_size, device_type)``.
+        model: the model to shard, its tables typically on the meta device.
+
+    ``plan(group)`` returns a ``ShardingPlan``: planned on rank 0 of ``group`` and broadcast, or locally when
+    ``group`` is None. After it, ``chosen`` holds one ``ShardingOption`` per table (its shards' ranks and
+    storage) and ``usable_per_rank()`` each rank's memory less the planner's reservation.
+
+    Example::
+
+        model = DeepFMTrain(build_deepfm(config, device="meta"))
+        attach_sparse_optimizer(model, config, torch.device("cuda"))
+        planner = Planner(config, make_topology(config, 16, 8, "cuda"), model)
+        plan = planner.plan()  # raises PlanError when the tables do not fit
+        [(o.name, o.sharding_type, [s.rank for s in o.shards]) for o in planner.chosen]
+    """
 
     config: Config
     topology: Topology
@@ -311,6 +330,10 @@ class TablePlacement:
 
 @dataclass
 class PlanReport:
+    """What ``dry_run`` found: one ``TablePlacement`` per table and, per rank, bytes used, usable and capped
+    (in the rank's main tier: HBM on CUDA, DDR on CPU). ``format_report`` prints it; ``as_dict`` is the JSON
+    of ``recsys plan --json``."""
+
     world_size: int
     local_world_size: int
     compute_device: str

@@ -16,6 +16,12 @@ class EmbeddingBagSharder(EmbeddingBagCollectionSharder):
     input distribution, reduce-scatter over gloo) computes it correctly; tests/distributed checks this
     numerically against single-process training. Without it a table larger than one rank's memory cap
     could not be trained on CPU ranks, and laptops/CI could not exercise row-wise placement.
+
+    Example::
+
+        EmbeddingBagSharder().sharding_types("cpu")
+        # ['data_parallel', 'table_wise', 'column_wise', 'table_column_wise', 'row_wise', 'table_row_wise']
+        DistributedModelParallel(model, plan=plan, sharders=make_sharders())
     """
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
