@@ -436,7 +436,7 @@ def load_checkpoint(
     """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress (ints
     and floats as saved).
 
-    ``global_batch_size`` (batch per rank x ranks) must equal the saved one when given: the data position
+    ``global_batch_size`` (``data.batch_size``) must equal the saved one when given: the data position
     is a global batch index, meaningful only for the global batch it was counted in.
     """
     _init_lazy_optimizer_state(optimizer)
@@ -456,9 +456,9 @@ def load_checkpoint(
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
         raise CheckpointMismatch(
             f"{path} was written with a global batch of {saved_batch} samples but this run's is "
-            f"{global_batch_size} (data.batch_size x world size); its data position (global batch "
+            f"{global_batch_size} (data.batch_size); its data position (global batch "
             f"{progress['batch_in_epoch']} of epoch {progress['epoch']}) only holds for the same global "
-            f"batch: set data.batch_size to {saved_batch} / world size"
+            f"batch: set data.batch_size={saved_batch}"
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -39,8 +39,9 @@ class DataConfig:
     folders written by ``recsys preprocess`` (memory-mapped). ``dense_features`` / ``sparse_features``
     empty (the default): the shards' features, or the Criteo schema's columns for raw TSV
     (``configs/schemas/criteo.yaml``); given, they must equal the shards' (``recsys.resolve``).
-    ``batch_size`` is per process: N processes with ``B / N`` train on exactly the global batches of one
-    process with ``B``.
+    ``batch_size`` and ``eval_batch_size`` are global: each of N processes takes ``batch_size / N`` rows of
+    every batch (``batch_size`` must divide by N), so a config trains the same batches on any number of
+    processes (``per_rank``).
     """
 
     train: str = "data/synthetic/train.tsv"
@@ -59,6 +60,13 @@ class DataConfig:
     # Column whose raw ids group rows for GAUC (e.g. a user id): a schema's `group` in shards, or an extra
     # last column of a TSV (`recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
+
+    def per_rank(self, world_size: int) -> tuple[int, int]:
+        """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
+        if self.batch_size % world_size:
+            raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must divide by the "
+                              f"{world_size} processes; use a multiple of {world_size}")
+        return self.batch_size // world_size, -(-self.eval_batch_size // world_size)
 
 
 @dataclass

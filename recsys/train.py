@@ -179,7 +179,7 @@ def build_job(config: Config) -> Job:
     seed_everything(config.training.seed)
     splits = load_splits(config)
     data, cfg_train = config.data, config.training
-    steps_per_epoch = num_batches(len(splits.train), data.batch_size, env.world_size, data.drop_last)
+    steps_per_epoch = num_batches(len(splits.train), data.per_rank(env.world_size)[0], env.world_size, data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
@@ -191,7 +191,7 @@ def build_job(config: Config) -> Job:
 
 def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return split_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size,
+    return split_batches(split, data.sparse_features, data.per_rank(env.world_size)[1], env.rank, env.world_size,
                          data.prefetch_batches, with_groups=bool(data.group_column))
 
 
@@ -261,8 +261,9 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
             fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     # The data position is a global batch index, so a run resumes on a different number of ranks only
-    # with the same global batch (data.batch_size x world size); load_checkpoint checks it.
-    global_batch = cfg_data.batch_size * env.world_size
+    # with the same global batch (data.batch_size); load_checkpoint checks it.
+    rank_batch = cfg_data.per_rank(env.world_size)[0]
+    global_batch = rank_batch * env.world_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     stopper = EarlyStopping(config.early_stopping)
     if resume_from:
@@ -305,7 +306,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = split_batches(
-            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size, cfg_data.prefetch_batches,
+            splits.train, keys, rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches,
             shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
             drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
         )  # fmt: skip

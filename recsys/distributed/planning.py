@@ -51,8 +51,9 @@ from recsys.models.deepfm import DeepFMTrain, build_deepfm
 from recsys.resolve import resolve_config
 
 # config.py lists the names a config may use (it loads without torch); they must be TorchRec's.
-assert set(SHARDING_TYPES) <= {t.value for t in ShardingType}, SHARDING_TYPES
-assert set(COMPUTE_KERNELS) <= {k.value for k in EmbeddingComputeKernel}, COMPUTE_KERNELS
+_UNKNOWN = (set(SHARDING_TYPES) - {t.value for t in ShardingType}) | (set(COMPUTE_KERNELS) - {k.value for k in EmbeddingComputeKernel})
+if _UNKNOWN:
+    raise TypeError(f"config.SHARDING_TYPES / COMPUTE_KERNELS name {sorted(_UNKNOWN)}, which TorchRec does not have")
 
 GIB = 1024**3
 
@@ -137,7 +138,7 @@ class Planner:
     the chosen options, and a ``PlanError`` naming the tables that cannot fit instead of TorchRec's error.
 
     Args:
-        config: a resolved config (its ``sharding`` section and ``data.batch_size``, per rank).
+        config: a resolved config (its ``sharding`` section and ``data.batch_size``, global).
         topology: ``make_topology(config, world_size, local_world_size, device_type)``.
         model: the model to shard, its tables typically on the meta device.
 
@@ -161,6 +162,11 @@ class Planner:
     reservation: HeuristicalStorageReservation = field(init=False)
     chosen: list[ShardingOption] = field(default_factory=list, init=False)
 
+    @property
+    def rank_batch(self) -> int:
+        """Training rows per rank and batch: TorchRec's planner sizes input buffers per rank."""
+        return self.config.data.per_rank(self.topology.world_size)[0]
+
     def __post_init__(self) -> None:
         self.constraints = make_constraints(self.config, embedding_bag_configs(self.model))
         with warnings.catch_warnings():
@@ -171,7 +177,7 @@ class Planner:
 
     def _enumerator(self) -> EmbeddingEnumerator:
         return EmbeddingEnumerator(
-            topology=self.topology, batch_size=self.config.data.batch_size, constraints=self.constraints
+            topology=self.topology, batch_size=self.rank_batch, constraints=self.constraints
         )
 
     def _keep(self, options: list[ShardingOption]) -> list[ShardingOption]:
@@ -181,7 +187,7 @@ class Planner:
     def planner(self) -> EmbeddingShardingPlanner:
         return EmbeddingShardingPlanner(
             topology=self.topology,
-            batch_size=self.config.data.batch_size,
+            batch_size=self.rank_batch,
             enumerator=self._enumerator(),
             storage_reservation=self.reservation,
             stats=NoopEmbeddingStats(),
@@ -222,7 +228,7 @@ class Planner:
         with _quiet_planner_logs():
             reserved = self.reservation.reserve(
                 topology=self.topology,
-                batch_size=self.config.data.batch_size,
+                batch_size=self.rank_batch,
                 module=self.model,
                 sharders=make_sharders(),
                 constraints=self.constraints,
@@ -342,7 +348,7 @@ class PlanReport:
     used_bytes: list[int]  # per rank: table shards with optimizer state and buffers
     host_bytes: list[int]  # per rank, CUDA only: host memory of UVM (caching) tables
     tables: list[TablePlacement]
-    batch_size: int
+    batch_size: int  # per rank
     seconds: float
 
     @property
@@ -404,7 +410,7 @@ def dry_run(
         used_bytes=used,
         host_bytes=host,
         tables=tables,
-        batch_size=config.data.batch_size,
+        batch_size=planner.rank_batch,
         seconds=seconds,
     )
 
