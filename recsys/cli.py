@@ -259,7 +259,7 @@ def _user_message(e: BaseException) -> str | None:
     return " ".join(str(e).split())
 
 
-# Commands that run no torch code: they start without importing torch, TorchRec or FBGEMM.
+# Commands that use neither TorchRec nor FBGEMM skip the check (preprocess, and its workers, import no torch).
 _NO_TORCH = ("generate", "preprocess")
 
 
