@@ -40,15 +40,17 @@ from recsys.checkpoint import (
 from recsys.config import Config
 from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
-from recsys.data.shards import ShardedSplit, dataset_config, is_shard_split, split_batches
+from recsys.data.shards import ShardedSplit, is_shard_split, split_batches
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
-from recsys.distributed.sharding import build_optimizer, shard_model
+from recsys.distributed.optimizers import build_optimizer
+from recsys.distributed.parallel import shard_model
 from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
 from recsys.plots import write_plots
+from recsys.resolve import resolve_config
 from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
 
@@ -59,11 +61,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def table_sizes(config: Config) -> list[int]:
-    sizes = config.model.num_embeddings
-    return list(sizes) if isinstance(sizes, list) else [sizes] * len(config.data.sparse_features)
-
-
 @dataclass
 class Splits:
     train: ArrayData | ShardedSplit
@@ -72,11 +69,12 @@ class Splits:
 
 
 def load_split(config: Config, path: str) -> ArrayData | ShardedSplit:
-    """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory."""
+    """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory.
+    ``config`` is resolved (``recsys.resolve``)."""
     if is_shard_split(path):
         return ShardedSplit(path)
     data = config.data
-    return load_criteo_tsv(path, data.dense_features, data.sparse_features, table_sizes(config), data.group_column)
+    return load_criteo_tsv(path, data.dense_features, data.sparse_features, config.model.num_embeddings, data.group_column)
 
 
 def load_splits(config: Config) -> Splits:
@@ -160,7 +158,7 @@ def evaluate(
 class Job:
     """Everything a run needs, built the same way for training and for evaluating a checkpoint.
 
-    ``config`` is the run's config resolved against the data (features and table sizes of shard folders).
+    ``config`` is the run's config resolved against the data (``recsys.resolve.resolve_config``).
     ``max_steps`` is the run's length (``training.max_steps``, else its epochs), which the schedule spans.
     """
 
@@ -175,16 +173,17 @@ class Job:
 
 
 def build_job(config: Config) -> Job:
-    config = dataset_config(config)
+    """Resolves ``config`` against its data, joins the process group, loads the splits and shards the model."""
+    config = resolve_config(config)
     env = init_distributed(config.sharding.compute_device)
     seed_everything(config.training.seed)
     splits = load_splits(config)
     data, cfg_train = config.data, config.training
-    steps_per_epoch = num_batches(len(splits.train), data.batch_size, env.world_size, data.drop_last)
+    steps_per_epoch = num_batches(len(splits.train), data.per_rank(env.world_size)[0], env.world_size, data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
-    model = build_deepfm(config, table_sizes(config), device="meta")
+    model = build_deepfm(config, device="meta")
     dmp = shard_model(DeepFMTrain(model, build_loss(config.loss)), config, env)
     optimizer = build_optimizer(dmp, config, schedule.wrap)
     return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
@@ -192,7 +191,7 @@ def build_job(config: Config) -> Job:
 
 def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return split_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size,
+    return split_batches(split, data.sparse_features, data.per_rank(env.world_size)[1], env.rank, env.world_size,
                          data.prefetch_batches, with_groups=bool(data.group_column))
 
 
@@ -262,8 +261,9 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
             fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     # The data position is a global batch index, so a run resumes on a different number of ranks only
-    # with the same global batch (data.batch_size x world size); load_checkpoint checks it.
-    global_batch = cfg_data.batch_size * env.world_size
+    # with the same global batch (data.batch_size); load_checkpoint checks it.
+    rank_batch = cfg_data.per_rank(env.world_size)[0]
+    global_batch = rank_batch * env.world_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     stopper = EarlyStopping(config.early_stopping)
     if resume_from:
@@ -306,7 +306,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = split_batches(
-            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size, cfg_data.prefetch_batches,
+            splits.train, keys, rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches,
             shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
             drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
         )  # fmt: skip

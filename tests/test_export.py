@@ -8,11 +8,12 @@ from recsys.cli import main
 from recsys.config import config_from_dict
 from recsys.data.criteo import iterate_batches, load_criteo_tsv
 from recsys.metrics import CTRMetrics
+from recsys.resolve import resolve_config
 from recsys.train import train
 
 
 def test_exported_torchscript_matches_trained_model(synthetic_dir: Path, tmp_path: Path) -> None:
-    config = config_from_dict(
+    config = resolve_config(config_from_dict(
         {
             "data": {"train": str(synthetic_dir / "val.tsv"), "val": str(synthetic_dir / "test.tsv"),
                      "test": str(synthetic_dir / "test.tsv"), "batch_size": 1024},
@@ -20,7 +21,7 @@ def test_exported_torchscript_matches_trained_model(synthetic_dir: Path, tmp_pat
             "training": {"run_dir": str(tmp_path / "run"), "max_steps": 5},
             "logging": {"progress_bar": False, "tensorboard": False},
         }
-    )  # fmt: skip
+    ))  # fmt: skip
     trained = train(config)
     config_path = tmp_path / "run" / "config.yaml"
     assert main(["export", str(config_path), "--out", str(tmp_path / "export")]) == 0

@@ -17,7 +17,8 @@ from recsys.config import Config, config_from_dict
 from recsys.data.criteo import iterate_batches, load_criteo_tsv
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
 from recsys.export import export_model
-from recsys.train import evaluate_checkpoint, table_sizes, train
+from recsys.resolve import resolve_config
+from recsys.train import evaluate_checkpoint, train
 from tests.conftest import shared_file
 
 
@@ -70,7 +71,7 @@ def test_early_stopping_keeps_and_serves_the_best_checkpoint(users_dir: Path, tm
     assert evaluate_checkpoint(config) == pytest.approx(result["test"])
     assert evaluate_checkpoint(config, checkpoint=best_checkpoint(str(run_dir))) == pytest.approx(result["test"])
     assert evaluate_checkpoint(config, checkpoint="latest")["auc"] != pytest.approx(result["test"]["auc"], abs=1e-7)
-    assert export_model(config, table_sizes(config), str(tmp_path / "export"))["checkpoint"] == best_checkpoint(str(run_dir))
+    assert export_model(config, str(tmp_path / "export"))["checkpoint"] == best_checkpoint(str(run_dir))
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["curves.png", "reliability.png"]
     (reliability,) = events(run_dir, "reliability")
     assert reliability["split"] == "test" and sum(reliability["rows"]) == result["test"]["rows"]
@@ -154,9 +155,10 @@ def test_training_on_downsampled_negatives_stays_calibrated(one_distribution: Pa
     uncorrected = evaluate_checkpoint(replace(config, data=replace(config.data, negative_downsampling=1.0)))
     assert uncorrected["calibration"] > 2.5
     # the exported model applies the correction too
-    assert export_model(config, table_sizes(config), str(tmp_path / "export"))["negative_sampling_rate"] == 0.1
+    assert export_model(config, str(tmp_path / "export"))["negative_sampling_rate"] == 0.1
     served = torch.jit.load(str(tmp_path / "export" / "model.pt"))
-    rows = load_criteo_tsv(config.data.test, config.data.dense_features, config.data.sparse_features, table_sizes(config))
+    config = resolve_config(config)
+    rows = load_criteo_tsv(config.data.test, config.data.dense_features, config.data.sparse_features, config.model.num_embeddings)
     total = sum(float(served(b.dense_features, b.sparse_features).sum())
                 for b in iterate_batches(rows, config.data.sparse_features, 8192))
     assert total / len(rows) / test["ctr"] == pytest.approx(test["calibration"], rel=1e-4)

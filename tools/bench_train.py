@@ -42,8 +42,7 @@ def bench_train(data: Path, world_size: int, steps: int, work: Path) -> dict[str
     config = load_config(REPO / "configs" / "synthetic.yaml").to_dict()
     global_batch = config["data"]["batch_size"]
     run_dir = work / f"train_w{world_size}"
-    config["data"].update(train=str(data / "train.tsv"), val=str(data / "val.tsv"), test="",
-                          batch_size=global_batch // world_size)  # fmt: skip
+    config["data"].update(train=str(data / "train.tsv"), val=str(data / "val.tsv"), test="")  # batch: global
     config["training"].update(max_steps=steps, run_dir=str(run_dir), resume=False, eval_every_steps=0)
     config["logging"].update(progress_bar=False, tensorboard=False, log_every_steps=25)
     run_local(_train, world_size, config)

@@ -12,7 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Union
 
-from recsys.config import ConfigError, _build, read_yaml
+from recsys.config import ConfigError, build_dataclass, read_yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "configs" / "schemas"
 
@@ -127,7 +127,7 @@ def schema_from_dict(values: dict, overrides: dict | None = None) -> Schema:
     absent = [name for name in required if name not in values]
     if absent:
         raise ConfigError(f"schema: missing required key(s) {absent}")
-    schema = _build(Schema, values, "schema")
+    schema = build_dataclass(Schema, values, "schema")
     schema.validate()
     return schema
 

@@ -14,7 +14,6 @@ preprocessing with ``shuffle`` mixes rows across shards beforehand.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import queue
 import threading
@@ -25,14 +24,8 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from recsys.config import Config, ConfigError, UserError, validate
-from recsys.data.criteo import (
-    ArrayData,
-    iterate_batches,
-    make_batch,
-    num_batches,
-    rank_bounds,
-)
+from recsys.config import UserError
+from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
 from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
 
 
@@ -309,48 +302,6 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield item
     finally:
         stop.set()
-
-
-def dataset_config(config: Config) -> Config:
-    """The config with features and table sizes taken from the shards' metadata when ``data.train`` is a
-    preprocessed split folder (``model.num_embeddings`` is then ignored); otherwise ``config`` itself.
-
-    Raises ConfigError when shard folders and TSV files are mixed or the splits come from different
-    preprocessing runs.
-    """
-    data = config.data
-    paths = {key: getattr(data, key) for key in ("train", "val", "test") if getattr(data, key)}
-    sharded = {key for key, path in paths.items() if is_shard_split(path)}
-    if not sharded:
-        for key, path in paths.items():
-            if Path(path).is_dir():
-                raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json "
-                                  "in its parent); run `recsys preprocess` or point it at a TSV file")
-        return config
-    if sharded != set(paths):
-        raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
-                          "not: use the splits of one `recsys preprocess` output")
-    metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
-    if len({m["fingerprint"] for m in metadata.values()}) > 1:
-        raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
-    meta = metadata["train"]
-    for key, path in paths.items():
-        if Path(path).name not in meta["splits"]:
-            raise ConfigError(f"data.{key}={path}: the dataset has splits {list(meta['splits'])}")
-    features = meta["features"]
-    if data.group_column and data.group_column != features.get("group"):
-        raise ConfigError(f"data.group_column={data.group_column!r} but the shards of {data.train} keep "
-                          f"{'no group column' if not features.get('group') else repr(features['group'])}: "
-                          "name it as `group` in the preprocessing schema")
-    resolved = dataclasses.replace(
-        config,
-        data=dataclasses.replace(data, dense_features=list(features["dense"]),
-                                 sparse_features=list(features["sparse"])),
-        model=dataclasses.replace(config.model,
-                                  num_embeddings=[int(meta["table_sizes"][f]) for f in features["sparse"]]),
-    )  # fmt: skip
-    validate(resolved)
-    return resolved
 
 
 def split_batches(

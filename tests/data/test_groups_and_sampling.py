@@ -13,7 +13,8 @@ from recsys.data.criteo import ArrayData, GroupedBatch, iterate_batches, load_cr
 from recsys.data.preprocess import Settings, run
 from recsys.data.sampling import downsample_negatives, keep_mask, logit_correction
 from recsys.data.schema import schema_from_dict
-from recsys.data.shards import ShardedSplit, dataset_config, split_batches
+from recsys.data.shards import ShardedSplit, split_batches
+from recsys.resolve import resolve_config
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
 
 ROWS = 600
@@ -58,9 +59,9 @@ def test_group_column_travels_as_raw_ids(grouped_out):
 
 def test_group_column_must_match_the_shards(grouped_out):
     paths = {"train": str(grouped_out / "train"), "val": str(grouped_out / "val"), "test": ""}
-    assert dataset_config(config_from_dict({"data": {**paths, "group_column": "user"}})).data.group_column == "user"
+    assert resolve_config(config_from_dict({"data": {**paths, "group_column": "user"}})).data.group_column == "user"
     with pytest.raises(ConfigError, match=r"data.group_column='shop' but the shards .* keep 'user'"):
-        dataset_config(config_from_dict({"data": {**paths, "group_column": "shop"}}))
+        resolve_config(config_from_dict({"data": {**paths, "group_column": "shop"}}))
 
 
 def test_generator_user_column_keeps_the_other_columns(tmp_path):

@@ -10,7 +10,8 @@ from recsys.config import Config, ConfigError, config_from_dict
 from recsys.data.criteo import ArrayData, iterate_batches
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema, schema_from_dict
-from recsys.data.shards import ShardError, ShardedSplit, dataset_config, split_batches
+from recsys.resolve import resolve_config
+from recsys.data.shards import ShardError, ShardedSplit, split_batches
 
 ROWS = 1003  # not a multiple of any batch size below: the remainder must be handled
 
@@ -117,30 +118,34 @@ def criteo_out(tmp_path_factory):
     return root
 
 
-def test_dataset_config_takes_features_and_sizes_from_metadata(criteo_out):
+def test_resolve_config_takes_features_and_sizes_from_metadata(criteo_out):
     out = criteo_out / "out"
-    config = config_from_dict({
-        "data": {"train": str(out / "train"), "val": str(out / "val"), "test": str(out / "test"),
-                 "sparse_features": ["x"], "dense_features": []},
-        "model": {"num_embeddings": 5},
-    })  # fmt: skip
-    resolved = dataset_config(config)
+    paths = {"train": str(out / "train"), "val": str(out / "val"), "test": str(out / "test")}
+    resolved = resolve_config(config_from_dict({"data": paths}))
     split = ShardedSplit(out / "train")
     assert resolved.data.sparse_features == split.sparse_features == [f"C{i}" for i in range(1, 27)]
     assert resolved.model.num_embeddings == split.table_sizes
     batch = next(split_batches(split, resolved.data.sparse_features, 16, shuffle=True, seed=0, epoch=0))
     assert batch.dense_features.shape == (16, 13)
     assert int(batch.sparse_features.values().max()) < max(split.table_sizes)
-    assert dataset_config(Config()) == Config()  # TSV paths: unchanged
+    assert resolve_config(resolved) == resolved
+    # Given sizes or features that disagree with the shards are an error, not silently replaced.
+    with pytest.raises(ConfigError, match=r"model.num_embeddings disagrees with the shards .*C1 5 vs"):
+        resolve_config(config_from_dict({"data": paths, "model": {"num_embeddings": 5}}))
+    with pytest.raises(ConfigError, match=r"data.sparse_features=\['x'\] but the shards"):
+        resolve_config(config_from_dict({"data": {**paths, "sparse_features": ["x"]}}))
+    # Raw TSV paths: the Criteo schema's columns, hashed into model.num_embeddings rows (100,000 when unset).
+    tsv = resolve_config(Config())
+    assert tsv.data.sparse_features == [f"C{i}" for i in range(1, 27)] and tsv.model.num_embeddings == [100_000] * 26
 
 
-def test_dataset_config_rejects_mixed_or_foreign_splits(criteo_out, tmp_path):
+def test_resolve_config_rejects_mixed_or_foreign_splits(criteo_out, tmp_path):
     out = criteo_out / "out"
     mixed = config_from_dict({"data": {"train": str(out / "train"), "val": "val.tsv", "test": ""}})
     with pytest.raises(ConfigError, match="are not"):
-        dataset_config(mixed)
+        resolve_config(mixed)
     (tmp_path / "loose").mkdir()
     with pytest.raises(ConfigError, match="not a preprocessed split"):
-        dataset_config(config_from_dict({"data": {"train": str(tmp_path / "loose")}}))
+        resolve_config(config_from_dict({"data": {"train": str(tmp_path / "loose")}}))
     with pytest.raises(ShardError, match="metadata.json is missing"):
         ShardedSplit(tmp_path / "loose")

@@ -52,7 +52,7 @@ def write_log(path: Path, rows: int) -> int:
 
 
 def preprocess(out: Path, log: Path, memory_gb: float) -> dict:
-    env = {**os.environ, "RECSYS_LIGHT_IMPORT": "1", "POLARS_MAX_THREADS": "1"}
+    env = {**os.environ, "POLARS_MAX_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", RUN, str(out), str(log), str(memory_gb), json.dumps(SCHEMA)],
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

@@ -48,7 +48,7 @@ class Launcher:
             f"data.train={self.data / 'train.tsv'}",
             f"data.val={self.data / 'val.tsv'}",
             f"data.test={self.data / 'test.tsv'}",
-            f"data.batch_size={GLOBAL_BATCH // world_size}",
+            f"data.batch_size={GLOBAL_BATCH}",  # global: the same batches on any number of processes
             "data.eval_batch_size=256",
             "model.num_embeddings=1000",
             "model.deep_layers=[32,16]",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from recsys.cli import main
 from recsys.config import Config, config_from_dict
-from recsys.data.shards import dataset_config
+from recsys.resolve import resolve_config
 from recsys.train import evaluate_checkpoint, train
 
 
@@ -15,7 +15,7 @@ def train_and_export(
 ) -> tuple[Config, dict, Path]:
     """A short run on preprocessed shards in ``root/run``: (its resolved config, `recsys eval` on the test
     split, the `recsys export` folder ``root/export``)."""
-    config = dataset_config(config_from_dict({
+    config = resolve_config(config_from_dict({
         "data": {"train": str(shards / "train"), "val": str(shards / "val"), "test": str(shards / "test"),
                  "batch_size": 1024, "eval_batch_size": 4096},
         "model": {"embedding_dim": 10, "deep_layers": [32], "pooling": pooling},

@@ -23,7 +23,7 @@ MAX_EXAMPLES = 5
 MISSING_KEY = np.iinfo(np.int64).min  # an empty field; an id token with this value is rejected as bad
 
 # Memory model used to size the worker pool (measured on Criteo rows, see README "Preprocessing").
-MAIN_BASE_BYTES = 450 << 20  # the main process, torch/torchrec included (imported by the recsys package)
+MAIN_BASE_BYTES = 120 << 20  # the main process: python, numpy, polars (62 MB) and the chunks' results
 WORKER_BASE_BYTES = 60 << 20  # a forked worker's private memory before it touches a chunk
 WORKER_BYTES_PER_INPUT_BYTE = 7  # raw bytes + polars string columns + parsed columns + outputs
 WORKER_BYTES_PER_SHARD_ROW_BYTE = 3  # gathered rows + their permutation + the write buffer

@@ -89,7 +89,7 @@ class Pool:
 
     Workers come from a fork server: a plain fork would copy polars' thread pool state without its threads
     once the parent has used polars, and the child would hang on its first parallel operation. The server
-    imports this module once, without torch (``RECSYS_LIGHT_IMPORT``); each worker is then a cheap fork of
+    imports this package once (no torch: nothing it imports needs it); each worker is then a cheap fork of
     it sharing those pages.
     """
 
@@ -99,15 +99,7 @@ class Pool:
         if workers > 1:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(["recsys.data.preprocess"])
-            saved = os.environ.get("RECSYS_LIGHT_IMPORT")
-            os.environ["RECSYS_LIGHT_IMPORT"] = "1"
-            try:
-                multiprocessing.forkserver.ensure_running()
-            finally:
-                if saved is None:
-                    del os.environ["RECSYS_LIGHT_IMPORT"]
-                else:
-                    os.environ["RECSYS_LIGHT_IMPORT"] = saved
+            multiprocessing.forkserver.ensure_running()
             self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                                    initargs=(os.getpid(),))
 
