@@ -130,7 +130,7 @@ def predict(
     stats, oov, rows = PhaseStats(), np.zeros(len(schema.sparse), dtype=np.int64), 0
     bar = tqdm(desc="predict", unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
-        for result in pool.imap(transform_task, FileJob(prep, sources, strict), iter_chunks(sources, chunk_bytes)):
+        for result in pool.imap(transform_task, FileJob(prep, sources, strict), iter_chunks(sources, chunk_bytes, quote=schema.quote)):
             scores = scorer.score_rows(result)
             frame = {schema.id_column: result.ids} if schema.id_column else {}
             frame.update({"label": result.columns.labels} if schema.label else {})

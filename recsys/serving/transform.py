@@ -183,5 +183,5 @@ def frame_rows(frame: pl.DataFrame, prep: Preprocessing) -> tuple[bytes, Source,
         if text[name].str.contains(f"[{FRAME_DELIMITER}\n]").any():
             raise ServingInputError(f"column {name!r} holds a value with a newline or \\x1f")
     data = text.write_csv(separator=FRAME_DELIMITER, include_header=False, quote_style="never", null_value="").encode()
-    prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, header=False, columns=needed))
+    prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, quote="", header=False, columns=needed))
     return data, Source("<frame>", None, columns=needed), prep

@@ -52,20 +52,36 @@ class Parsed:
     examples: list[BadRow]
 
 
-def _field_counts_ok(data: bytes, ends: np.ndarray, ncols: int, delimiter: int) -> np.ndarray:
-    """[lines] bool: the line has exactly ``ncols`` fields. Fast path: one count, one reshape."""
+def _records(data: bytes, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+    """(ends [R], separators, first_line [R], lines, open_quote) of the records of ``data`` (which ends with
+    a newline): each record's closing newline, the field separators, each record's first line (chunk-local),
+    the number of lines, and whether a quote is left open at the end. With quoting (RFC 4180), newlines and
+    delimiters inside quotes are field text; a quote left open makes the last record end at the last byte."""
     buf = np.frombuffer(data, dtype=np.uint8)
-    seps = np.flatnonzero(buf == delimiter)
+    newlines = np.flatnonzero(buf == ord("\n"))
+    separators = np.flatnonzero(buf == ord(schema.delimiter))
+    if not (schema.quote and schema.quote.encode() in data):
+        return newlines, separators, np.arange(len(newlines)), len(newlines), False
+    outside = (np.cumsum(buf == ord(schema.quote), dtype=np.int64) & 1) == 0  # an even number of quotes so far
+    ends = newlines[outside[newlines]]
+    open_quote = not outside[-1]
+    if open_quote:
+        ends = np.append(ends, len(data) - 1)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    if len(seps) == len(ends) * (ncols - 1):
+    return ends, separators[outside[separators]], np.searchsorted(newlines, starts), len(newlines), open_quote
+
+
+def _field_counts(ends: np.ndarray, separators: np.ndarray, ncols: int) -> np.ndarray:
+    """[records] fields per record. Fast path: one count, one reshape, when every record has ``ncols``."""
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if len(separators) == len(ends) * (ncols - 1):
         if ncols == 1:
-            return np.ones(len(ends), dtype=bool)
-        grid = seps.reshape(len(ends), ncols - 1)
-        ok = (grid[:, 0] >= starts) & (grid[:, -1] < ends)
-        if ok.all():
-            return ok
-    # Some line is off: count separators per line exactly.
-    return np.diff(np.searchsorted(seps, np.concatenate([[-1], ends]))) == ncols - 1
+            return np.ones(len(ends), dtype=np.int64)
+        grid = separators.reshape(len(ends), ncols - 1)
+        if ((grid[:, 0] >= starts) & (grid[:, -1] < ends)).all():
+            return np.full(len(ends), ncols)
+    # Some record is off: count separators per record exactly.
+    return np.diff(np.searchsorted(separators, np.concatenate([[-1], ends]))) + 1
 
 
 def _token_expr(col: pl.Expr, kind: str) -> pl.Expr:
@@ -93,10 +109,13 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
 
     Returns None as soon as anything looks off, and the caller re-parses the chunk line by line. Field
     counts are exact here too: polars rejects any line with too many fields, and with none too long, a
-    total separator count of lines * (columns - 1) leaves no line too short.
+    total separator count of lines * (columns - 1) leaves no line too short. Quoted fields take the other path.
     """
-    nlines = data.count(b"\n")
-    if data.count(schema.delimiter.encode()) != nlines * (len(source.columns) - 1):
+    if schema.quote and schema.quote.encode() in data:
+        return None
+    buf = np.frombuffer(data, dtype=np.uint8)
+    nlines = int(np.count_nonzero(buf == ord("\n")))  # twice as fast as bytes.count
+    if np.count_nonzero(buf == ord(schema.delimiter)) != nlines * (len(source.columns) - 1):
         return None
     used = schema.used_columns()
     types = {name: pl.Utf8 for name in source.columns}
@@ -147,40 +166,43 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         clean = _parse_clean(data, source, schema)
         if clean is not None:
             return clean
-    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
-    nlines = len(ends)
+    ends, separators, first_line, nlines, open_quote = _records(data, schema)
+    nrecords = len(ends)
     errors = dict.fromkeys(ERROR_KINDS, 0)
     bad_lines: list[tuple[int, BadRow]] = []
 
-    def record(mask_lines: np.ndarray, kind: str, column: str, values: Iterable[str]) -> None:
-        errors[kind] += int(len(mask_lines))
-        for line, value in zip(mask_lines[:MAX_EXAMPLES].tolist(), values):
+    def record(bad_records: np.ndarray, kind: str, column: str, values: Iterable[str]) -> None:
+        errors[kind] += int(len(bad_records))
+        for line, value in zip(first_line[bad_records[:MAX_EXAMPLES]].tolist(), values):
             bad_lines.append((line, BadRow(kind, line, column, value)))
 
     ncols = len(source.columns)
-    if chunk.truncated and nlines:
+    fields = _field_counts(ends, separators, ncols)
+    fields_ok = fields == ncols
+    last = np.array([nrecords - 1])
+    if chunk.truncated and nrecords:
         # The stream ended mid-line: the last line is incomplete whatever its fields look like.
-        record(np.array([nlines - 1]), "truncated", "-", ["gzip stream ends before this line ends"])
-    fields_ok = _field_counts_ok(data, ends, ncols, ord(schema.delimiter))
-    if chunk.truncated and nlines:
+        record(last, "truncated", "-", ["gzip stream ends before this line ends"])
+    elif open_quote:
+        record(last, "columns", "-", [f"a quoted field ({schema.quote}) is not closed before the end of the input"])
+    if (chunk.truncated or open_quote) and nrecords:
         fields_ok[-1] = False
     wrong = np.flatnonzero(~fields_ok)
     starts = np.concatenate([[0], ends[:-1] + 1])
     if len(wrong):
-        wrong_fields = wrong[~np.isin(wrong, [nlines - 1])] if chunk.truncated else wrong
+        wrong_fields = wrong[~np.isin(wrong, last)] if chunk.truncated or open_quote else wrong
         record(wrong_fields, "columns", "-",
-               (f"{data[starts[i]:ends[i]].count(schema.delimiter.encode()) + 1} fields, expected {ncols}"
-                for i in wrong_fields[:MAX_EXAMPLES].tolist()))
+               (f"{fields[i]} fields, expected {ncols}" for i in wrong_fields[:MAX_EXAMPLES].tolist()))
         keep = np.flatnonzero(fields_ok)
         data = b"".join(data[starts[i] : ends[i] + 1] for i in keep.tolist())
         line_of_row = keep
     else:
-        line_of_row = np.arange(nlines)
+        line_of_row = np.arange(nrecords)
 
     used = schema.used_columns()
     if len(line_of_row):
         frame = pl.read_csv(
-            data, separator=schema.delimiter, has_header=False, quote_char=None,
+            data, separator=schema.delimiter, has_header=False, quote_char=schema.quote or None,
             schema={name: pl.Utf8 for name in source.columns}, columns=[source.columns.index(c) for c in used],
         )  # fmt: skip
     else:
@@ -234,7 +256,7 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         dense = dense[good]
     labels = (parsed[schema.label].to_numpy()[good].astype(np.int8) if schema.label else
               np.full(len(good), NO_LABEL, dtype=np.int8))
-    return Parsed(nlines, line_of_row[good], labels, dense, sparse, errors, examples)
+    return Parsed(nlines, first_line[line_of_row[good]], labels, dense, sparse, errors, examples)
 
 
 def split_of_rows(chunk: Chunk, source: Source, parsed: Parsed, ctx: Context) -> np.ndarray:

@@ -220,7 +220,7 @@ def _run_chunks(
         bar.set_postfix(rows_per_s=f"{new_lines / (time.perf_counter() - started):,.0f}")
 
     def todo() -> Iterator[Chunk]:
-        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes, ctx.settings.accept_truncated):
+        for chunk in iter_chunks(sources, ctx.settings.chunk_bytes, ctx.settings.accept_truncated, ctx.schema.quote):
             path = done_path(chunk)
             if path.exists():
                 stats.reused += 1

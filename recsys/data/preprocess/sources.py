@@ -3,6 +3,7 @@ workers parse."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 import zlib
@@ -86,7 +87,9 @@ def _read_header(source: Source, schema: Schema) -> None:
             line = fh.readline()
         except (EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise PreprocessError(f"{source.path}: unreadable gzip stream: {e}") from None
-    names = line.rstrip(b"\r\n").decode("utf-8", errors="replace").split(schema.delimiter)
+    text = line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    names = next(csv.reader([text], delimiter=schema.delimiter, quotechar=schema.quote or None,
+                            quoting=csv.QUOTE_MINIMAL if schema.quote else csv.QUOTE_NONE))  # fmt: skip
     if schema.columns and names != schema.columns:
         raise PreprocessError(f"{source.path}:1: header {names} does not match schema {schema.name} "
                               f"columns {schema.columns}")
@@ -153,13 +156,36 @@ def _count_rows(source: Source) -> int:
     return lines + (last != b"\n") - source.header_lines
 
 
-def _plain_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chunk]:
-    """Byte ranges of about ``chunk_bytes`` ending at newlines (deterministic for a given file)."""
+def record_cut(data: bytes, at: int, quote: str) -> int:
+    """The offset just past the first newline at or after ``at`` that ends a record, ``data`` starting at a
+    record's start; 0 if there is none. With ``quote``, a newline inside quotes (RFC 4180: an odd number of
+    quote characters since the record began, doubled quotes counting twice) ends nothing."""
+    cut = data.find(b"\n", at) + 1
+    if not quote:
+        return cut
+    mark = quote.encode()
+    inside = data.count(mark, 0, cut) % 2 if cut else 1
+    while inside and cut:
+        after = data.find(b"\n", cut) + 1
+        inside ^= data.count(mark, cut, after or len(data)) % 2
+        cut = after
+    return cut
+
+
+def _plain_chunks(index: int, source: Source, chunk_bytes: int, quote: str = "") -> Iterator[Chunk]:
+    """Byte ranges of about ``chunk_bytes`` ending at record ends (deterministic for a given file). Quoted
+    files are read to find them; others need one seek per chunk."""
     with open(source.path, "rb") as fh:
         start, number, row = source.data_start, 0, 0
         while start < source.size:
             end = min(start + chunk_bytes, source.size)
-            if end < source.size:
+            if end < source.size and quote:
+                fh.seek(start)
+                data = fh.read(chunk_bytes + (1 << 20))
+                while not (cut := record_cut(data, chunk_bytes, quote)) and start + len(data) < source.size:
+                    data += fh.read(1 << 20)
+                end = start + cut if cut else source.size
+            elif end < source.size:
                 fh.seek(end)
                 end += len(fh.readline())
             chunk = Chunk(index, number, start, end)
@@ -172,7 +198,9 @@ def _plain_chunks(index: int, source: Source, chunk_bytes: int) -> Iterator[Chun
             start, number = end, number + 1
 
 
-def _gzip_chunks(index: int, source: Source, chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
+def _gzip_chunks(
+    index: int, source: Source, chunk_bytes: int, accept_truncated: bool = False, quote: str = ""
+) -> Iterator[Chunk]:
     """Whole-line chunks of decompressed bytes, cut exactly where ``_plain_chunks`` cuts the same bytes
     (after the first newline at or past ``chunk_bytes``), so a file gives the same output gzipped or not.
     A truncated or corrupt stream is a PreprocessError (the rest of the file is lost); with
@@ -182,7 +210,7 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int, accept_truncated:
         if source.header_lines:
             fh.readline()
         while buffer or not eof:
-            cut = buffer.find(b"\n", chunk_bytes) + 1
+            cut = record_cut(buffer, chunk_bytes, quote)
             if not cut and not eof:
                 blocks, size = [], 0
                 try:
@@ -212,12 +240,15 @@ def _gzip_chunks(index: int, source: Source, chunk_bytes: int, accept_truncated:
             number += 1
 
 
-def iter_chunks(sources: list[Source], chunk_bytes: int, accept_truncated: bool = False) -> Iterator[Chunk]:
+def iter_chunks(
+    sources: list[Source], chunk_bytes: int, accept_truncated: bool = False, quote: str = ""
+) -> Iterator[Chunk]:
+    """The chunks of every source in order; ``quote``: the schema's quote character (cuts between records)."""
     for index, source in enumerate(sources):
         if source.gzip:
-            yield from _gzip_chunks(index, source, chunk_bytes, accept_truncated)
+            yield from _gzip_chunks(index, source, chunk_bytes, accept_truncated, quote)
         else:
-            yield from _plain_chunks(index, source, chunk_bytes)
+            yield from _plain_chunks(index, source, chunk_bytes, quote)
 
 
 def read_chunk(chunk: Chunk, source: Source) -> bytes:
