@@ -35,13 +35,16 @@ class ConfigError(UserError):
 class DataConfig:
     """Where the data is and how it is batched.
 
-    ``train``/``val``/``test`` are either raw Criteo TSV files (parsed in memory, for small data) or shard
-    folders written by ``recsys preprocess`` (memory-mapped).
+    ``train``/``val``/``test`` are the split folders of a ``recsys preprocess`` output (memory-mapped), or raw
+    input files, which are preprocessed with the schema ``schema`` into ``cache_dir`` (default: the run
+    directory) first, and reused from there while they are unchanged (``recsys.data.shard_cache``).
     """
 
-    train: str = "data/synthetic/train.tsv"
-    val: str = "data/synthetic/val.tsv"
-    test: str = "data/synthetic/test.tsv"
+    train: str = "data/synthetic/shards/train"
+    val: str = "data/synthetic/shards/val"
+    test: str = "data/synthetic/shards/test"
+    schema: str = "criteo"
+    cache_dir: str = ""
     dense_features: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
     sparse_features: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
     batch_size: int = 4096
@@ -52,8 +55,8 @@ class DataConfig:
     # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
     # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
     negative_downsampling: float = 1.0
-    # Column whose raw ids group rows for GAUC (e.g. a user id): a schema's `group` in shards, or an extra
-    # last column of a TSV (`recsys generate --users N`). Empty = no GAUC.
+    # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
+    # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
 
 
@@ -62,9 +65,9 @@ class ModelConfig:
     """DeepFM hyper-parameters.
 
     ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
-    Raw ids are hashed into it unless the data was preprocessed into a vocabulary (then the shards' metadata
-    supplies the sizes and this value is ignored). ``shared_tables`` maps a table name to features that
-    share it.
+    Training takes the sizes from the shards' metadata (vocabularies, or the schema's hash buckets) and
+    ignores this value; it sizes the tables only where the data is absent (``recsys plan``).
+    ``shared_tables`` maps a table name to features that share it.
     """
 
     embedding_dim: int = 16

@@ -4,10 +4,9 @@ A split folder (``OUT/train``) holds ``part-NNNNN/`` shards; ``OUT/metadata.json
 opened with ``np.load(mmap_mode="r")``: nothing is read until a batch gathers its rows, so a split of any
 size opens instantly and the page cache, not the process, holds the data.
 
-Batch order follows ``recsys.data.criteo.iterate_batches``: the epoch is a permutation of the split's rows,
-global batch ``s`` is its positions ``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice
-(``criteo.rank_bounds``), so W ranks together see exactly what one process with batch B*W sees, and every
-rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
+Batch order: the epoch is a permutation of the split's rows, global batch ``s`` is its positions
+``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice (``batching.rank_bounds``), so W ranks together see
+exactly what one process with batch B*W sees, and every rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
 permuted within each shard), which keeps memory at one shard's index instead of one per row of the split;
 preprocessing with ``shuffle`` mixes rows across shards beforehand.
 """
@@ -26,14 +25,9 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from recsys.config import Config, ConfigError, UserError, validate
-from recsys.data.criteo import (
-    ArrayData,
-    iterate_batches,
-    make_batch,
-    num_batches,
-    rank_bounds,
-)
+from recsys.data.batching import make_batch, num_batches, rank_bounds
 from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
+from recsys.data.shard_cache import cached_shards
 
 
 class ShardError(UserError):
@@ -241,7 +235,7 @@ class ShardedSplit:
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2, **order: Any) -> Iterator[Batch]:
         """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
         background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last,
-        start_batch and with_groups, as in ``criteo.iterate_batches``."""
+        start_batch and with_groups (resume mid-epoch at global batch ``start_batch``; GroupedBatches)."""
         batches = self._local_batches(batch_size, rank, world_size, **order)
         return prefetched(batches, prefetch) if prefetch > 0 else batches
 
@@ -312,24 +306,32 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
 
 
 def dataset_config(config: Config) -> Config:
-    """The config with features and table sizes taken from the shards' metadata when ``data.train`` is a
-    preprocessed split folder (``model.num_embeddings`` is then ignored); otherwise ``config`` itself.
+    """The config resolved against its data: features and table sizes from the shards' metadata
+    (``model.num_embeddings`` is then ignored), and raw input files replaced by the split folders of their
+    cached preprocessing (``recsys.data.shard_cache``). When none of ``data.train``/``val``/``test`` exists,
+    ``config`` itself (``recsys plan`` on a machine without the data; training then fails naming the folder).
 
-    Raises ConfigError when shard folders and TSV files are mixed or the splits come from different
-    preprocessing runs.
+    Raises ConfigError when shard folders and raw files are mixed, a folder is not a preprocessed split, or
+    the splits come from different preprocessing runs.
     """
     data = config.data
     paths = {key: getattr(data, key) for key in ("train", "val", "test") if getattr(data, key)}
+    if not any(Path(path).exists() for path in paths.values()):
+        return config
+    for key, path in paths.items():
+        if Path(path).is_dir() and not is_shard_split(path):
+            raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json in "
+                              "its parent): run `recsys preprocess` on the raw files, or name them")
+        if not Path(path).exists():
+            raise ConfigError(f"data.{key}={path}: no such file or folder")
     sharded = {key for key, path in paths.items() if is_shard_split(path)}
     if not sharded:
-        for key, path in paths.items():
-            if Path(path).is_dir():
-                raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json "
-                                  "in its parent); run `recsys preprocess` or point it at a TSV file")
-        return config
-    if sharded != set(paths):
+        paths = cached_shards(config, paths)
+        data = dataclasses.replace(data, **paths)
+        config = dataclasses.replace(config, data=data)
+    elif sharded != set(paths):
         raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
-                          "not: use the splits of one `recsys preprocess` output")
+                          "raw files: use the splits of one `recsys preprocess` output, or raw files throughout")
     metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
     if len({m["fingerprint"] for m in metadata.values()}) > 1:
         raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
@@ -352,18 +354,3 @@ def dataset_config(config: Config) -> Config:
     validate(resolved)
     return resolved
 
-
-def split_batches(
-    split: ShardedSplit | ArrayData,
-    keys: list[str],
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    prefetch: int = 0,
-    **order: Any,
-) -> Iterator[Batch]:
-    """Batches of either kind of split with the same semantics (``order``: shuffle, seed, epoch, drop_last,
-    start_batch)."""
-    if isinstance(split, ShardedSplit):
-        return split.batches(batch_size, rank, world_size, prefetch, **order)
-    return iterate_batches(split, keys, batch_size, rank, world_size, **order)

@@ -14,11 +14,11 @@ import torch
 from recsys.config import config_from_dict
 from recsys.distributed.local import run_local
 from recsys.distributed.planning import dry_run
-from tests.distributed.conftest import tiny_config
+from tests.distributed.conftest import BIG_ROWS, tiny_config
 from tests.distributed.workers import train_each
 
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-BIG_ROWS = 400_000  # t_C1: 400k x 16 x 4 B = 25.6 MB of weights, over the 20 MB device cap below
+# t_C1: BIG_ROWS (400k) x 16 x 4 B = 25.6 MB of weights, over the 20 MB device cap below
 
 
 def uvm_config(data: Path, run_dir: Path) -> dict:
@@ -51,7 +51,7 @@ def test_one_gpu_training_with_fused_kernels(tiny_criteo: Path, tmp_path: Path, 
 
 @pytest.mark.gpu
 @gpu_only
-def test_uvm_caching_training_on_one_gpu(tiny_criteo: Path, tmp_path: Path) -> None:
-    (result,) = run_local(train_each, 1, [uvm_config(tiny_criteo, tmp_path)])[0]
+def test_uvm_caching_training_on_one_gpu(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
+    (result,) = run_local(train_each, 1, [uvm_config(tiny_criteo_big_c1, tmp_path)])[0]
     assert "error" not in result, result
     assert result["val"]["rows"] == 120
