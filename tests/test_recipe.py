@@ -69,7 +69,10 @@ def test_early_stopping_keeps_and_serves_the_best_checkpoint(users_dir: Path, tm
     assert stop["reason"] == "early_stopping" and stop["step"] < 10 * 47, stop
     timing = ("stage", "step", "samples_per_s")
     validations = {row["step"]: {k: v for k, v in row.items() if k not in timing} for row in events(run_dir, "val")}
-    best_step = max(validations, key=lambda step: validations[step]["gauc"])
+    best_step = -1  # the best under min_delta: a later validation must beat it by more than 0.002
+    for step in sorted(validations):
+        if best_step < 0 or validations[step]["gauc"] > validations[best_step]["gauc"] + 0.002:
+            best_step = step
     assert f"best {validations[best_step]['gauc']:.6f} at step {best_step}" in stop["detail"]
     # keep-last-1 pruned everything but the latest and the best
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
