@@ -81,8 +81,9 @@ def cached_shards(config: Config, paths: dict[str, str]) -> dict[str, str]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot create {root} for the preprocessed shards of data.train/val/test ({e}); set "
-                          "data.cache_dir, or run `recsys preprocess` and point data.* at its split folders") from None
+        key = "data.cache_dir" if data.cache_dir else "training.run_dir"
+        raise ConfigError(f"{key}={root}: cannot create it ({e.strerror}: {e.filename}); it holds the shards "
+                          "preprocessed from the raw files in data.train/val/test") from None
     with _exclusive(root / f".shards-{fp}.lock"):
         if not _complete(out, fp):
             print(f"data.train/val/test are raw files: preprocessing them ({data.schema} schema) into {out}",

@@ -116,7 +116,8 @@ class ShardedSplit:
         path = Path(path)
         meta_path = path.parent / "metadata.json"
         if not path.is_dir():
-            raise ShardError(f"{path}: no such split folder")
+            raise ShardError(f"{path}: no such split folder (name the split folders of a `recsys preprocess` "
+                             "output, or raw input files, in data.train/val/test)")
         if not meta_path.is_file():
             raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
         self.metadata = read_metadata(meta_path)

@@ -10,6 +10,7 @@ import pytest
 
 from data_helpers import criteo_lines, write_lines
 from recsys.config import Config, ConfigError, config_from_dict
+from recsys.data.preprocess import PreprocessError
 from recsys.data.shards import ShardedSplit, dataset_config
 
 
@@ -69,6 +70,11 @@ def test_unusable_data_paths_are_refused(raw, tmp_path):
     (tmp_path / "loose").mkdir()
     with pytest.raises(ConfigError, match="loose is a folder but not a preprocessed split"):
         dataset_config(raw_config({**raw, "test": tmp_path / "loose"}, tmp_path / "run"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"training.run_dir=.*/file/run: cannot create it \(Not a directory"):
+        dataset_config(raw_config(raw, tmp_path / "file" / "run"))
+    with pytest.raises(PreprocessError, match="file: empty file"):  # preprocessing's own errors, as the command's
+        dataset_config(raw_config({**raw, "test": tmp_path / "file"}, tmp_path / "run"))
     # no data at all (recsys plan on another machine): the config as it is
     absent = raw_config({key: tmp_path / f"{key}.gone" for key in raw}, tmp_path / "run")
     assert dataset_config(absent) == absent
