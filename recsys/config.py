@@ -35,18 +35,20 @@ class ConfigError(UserError):
 class DataConfig:
     """Where the data is and how it is batched.
 
-    ``train``/``val``/``test`` are either raw Criteo TSV files (parsed in memory, for small data) or shard
-    folders written by ``recsys preprocess`` (memory-mapped). ``dense_features`` / ``sparse_features``
-    empty (the default): the shards' features, or the Criteo schema's columns for raw TSV
-    (``configs/schemas/criteo.yaml``); given, they must equal the shards' (``recsys.resolve``).
-    ``batch_size`` and ``eval_batch_size`` are global: each of N processes takes ``batch_size / N`` rows of
-    every batch (``batch_size`` must divide by N), so a config trains the same batches on any number of
-    processes (``per_rank``).
+    ``train``/``val``/``test`` are the split folders of a ``recsys preprocess`` output (memory-mapped), or raw
+    input files, which are preprocessed with the schema ``schema`` into ``cache_dir`` (default: the run
+    directory) first, and reused from there while they are unchanged (``recsys.data.shard_cache``).
+    ``dense_features`` / ``sparse_features`` empty (the default): the shards' features; given, they must equal
+    the shards' (``recsys.resolve``). ``batch_size`` and ``eval_batch_size`` are global: each of N processes
+    takes ``batch_size / N`` rows of every batch (``batch_size`` must divide by N), so a config trains the same
+    batches on any number of processes (``per_rank``).
     """
 
-    train: str = "data/synthetic/train.tsv"
-    val: str = "data/synthetic/val.tsv"
-    test: str = "data/synthetic/test.tsv"
+    train: str = "data/synthetic/shards/train"
+    val: str = "data/synthetic/shards/val"
+    test: str = "data/synthetic/shards/test"
+    schema: str = "criteo"
+    cache_dir: str = ""
     dense_features: list[str] = field(default_factory=list)
     sparse_features: list[str] = field(default_factory=list)
     batch_size: int = 4096
@@ -57,8 +59,8 @@ class DataConfig:
     # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
     # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
     negative_downsampling: float = 1.0
-    # Column whose raw ids group rows for GAUC (e.g. a user id): a schema's `group` in shards, or an extra
-    # last column of a TSV (`recsys generate --users N`). Empty = no GAUC.
+    # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
+    # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
 
     def per_rank(self, world_size: int) -> tuple[int, int]:
@@ -74,9 +76,10 @@ class ModelConfig:
     """DeepFM hyper-parameters.
 
     ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
-    0 (the default) takes the sizes from the data: the shards' ``metadata.json``, or 100,000 hash buckets
-    per feature for raw TSV. Sizes given with shards must equal the shards' (a ConfigError names the
-    features that differ; ``recsys.resolve``). ``shared_tables`` maps a table name to features that share it.
+    0 (the default) takes the sizes from the data: the shards' ``metadata.json`` (vocabularies, or the
+    schema's hash buckets). Sizes given with data must equal the shards' (a ConfigError names the features
+    that differ; ``recsys.resolve``); without data (``recsys plan``) they size the tables.
+    ``shared_tables`` maps a table name to features that share it.
     """
 
     embedding_dim: int = 16

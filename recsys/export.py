@@ -52,12 +52,11 @@ import recsys
 from recsys.checkpoint import read_tensors, resolve_checkpoint
 from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
-from recsys.data.schema import load_schema, schema_from_dict
-from recsys.data.shards import is_shard_split, split_batches
+from recsys.data.schema import schema_from_dict
+from recsys.data.shards import ShardedSplit
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
 from recsys.resolve import resolve_config
 from recsys.serving.modules import LogitModel, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
-from recsys.train import load_split
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
@@ -101,22 +100,11 @@ def load_unsharded(config: Config, checkpoint: str) -> DeepFM:
 
 
 def serving_preprocessing(config: Config) -> tuple[dict, Path | None]:
-    """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode).
-
-    Shard folders carry theirs in ``metadata.json``; the raw-TSV route (``recsys.data.criteo``) is the
-    Criteo schema in hash mode with ``model.num_embeddings`` buckets per feature.
-    """
-    data = config.data
-    if is_shard_split(data.train):
-        root = Path(data.train).parent
-        schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
-        return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
-    schema = load_schema("criteo", {
-        "columns": ["label", *data.dense_features, *data.sparse_features], "dense": data.dense_features,
-        "sparse": data.sparse_features, "sparse_mode": "hash",
-        "hash_buckets": dict(zip(data.sparse_features, config.model.num_embeddings)),
-    })  # fmt: skip
-    return schema.to_dict(), None
+    """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode), from the
+    ``metadata.json`` of the shards ``data.train`` names (a resolved config: ``recsys.resolve``)."""
+    root = Path(config.data.train).parent
+    schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
+    return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
 
 
 def _id_rules(schema: dict, features: list[str], table_sizes: list[int]) -> dict:
@@ -174,9 +162,8 @@ def script_model(model: DeepFM, serving: dict, quantize: str | None = None) -> t
 def model_batches(config: Config, rows: int | None = None) -> Iterator[Batch]:
     """Batches of the test split (else val), up to ``rows`` rows."""
     data = config.data
-    split = load_split(config, data.test or data.val)
     seen = 0
-    for batch in split_batches(split, data.sparse_features, data.eval_batch_size):
+    for batch in ShardedSplit(data.test or data.val).batches(data.eval_batch_size, prefetch=0):
         if rows is not None and seen >= rows:
             return
         yield batch

@@ -13,9 +13,12 @@ Policy: what the shards say is never silently replaced, and never silently repla
 * Shard folders (``recsys preprocess``): features and table sizes come from their ``metadata.json``. A config
   that leaves ``data.*_features`` empty and ``model.num_embeddings`` at 0 (the defaults) takes them; one that
   gives them must agree with the shards, else a ``ConfigError`` names the features that differ.
-* Raw Criteo TSV files: the Criteo schema's columns (``configs/schemas/criteo.yaml``, their one definition)
-  unless the config lists features, and ``model.num_embeddings`` hash buckets per feature
-  (``RAW_TSV_TABLE_ROWS`` when 0).
+* Raw input files (Criteo TSV, ``.gz``, a schema CSV): preprocessed first with the schema ``data.schema`` into
+  a cached shard folder (``recsys.data.shard_cache``), whose split folders replace them; then as above.
+  Training reads shards only.
+* No data at all (``recsys plan`` before the data exist): the schema's columns (``configs/schemas/``, their
+  one definition) unless the config lists features, and ``model.num_embeddings`` rows per feature
+  (``ABSENT_DATA_TABLE_ROWS`` when 0).
 """
 
 from __future__ import annotations
@@ -25,32 +28,31 @@ from pathlib import Path
 
 from recsys.config import Config, ConfigError, validate
 from recsys.data.schema import load_schema
+from recsys.data.shard_cache import cached_shards
 from recsys.data.shards import is_shard_split, read_metadata
 
-# Hash buckets per feature for raw TSV input when model.num_embeddings is 0.
-RAW_TSV_TABLE_ROWS = 100_000
+# Rows per feature's table when the data is absent and model.num_embeddings is 0 (recsys plan).
+ABSENT_DATA_TABLE_ROWS = 100_000
 
 
 def resolve_config(config: Config) -> Config:
     """``config`` with ``data.dense_features``, ``data.sparse_features`` and ``model.num_embeddings`` (one
     size per sparse feature) taken from the data, then validated as a whole.
 
-    Raises ConfigError when shard folders and TSV files are mixed, the splits come from different
-    preprocessing runs, or features or sizes given in the config disagree with the shards.
+    Raises ConfigError when shard folders and raw files are mixed, a path is missing or a folder that is not
+    a preprocessed split, the splits come from different preprocessing runs, or features or sizes given in
+    the config disagree with the shards.
     """
     data = config.data
     paths = {key: getattr(data, key) for key in ("train", "val", "test") if getattr(data, key)}
-    sharded = {key for key, path in paths.items() if is_shard_split(path)}
-    if sharded:
-        dense, sparse, sizes = _from_shards(config, paths, sharded)
+    if any(Path(path).exists() for path in paths.values()):
+        paths = _shard_splits(config, paths)
+        data = dataclasses.replace(data, **paths)
+        dense, sparse, sizes = _from_shards(dataclasses.replace(config, data=data), paths)
     else:
-        for key, path in paths.items():
-            if Path(path).is_dir():
-                raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json "
-                                  "in its parent); run `recsys preprocess` or point it at a TSV file")
-        criteo = load_schema("criteo")
-        dense, sparse = data.dense_features or criteo.dense, data.sparse_features or criteo.sparse
-        sizes = _per_feature(config.model.num_embeddings or RAW_TSV_TABLE_ROWS, sparse)
+        schema = load_schema(data.schema)
+        dense, sparse = data.dense_features or schema.dense, data.sparse_features or schema.sparse
+        sizes = _per_feature(config.model.num_embeddings or ABSENT_DATA_TABLE_ROWS, sparse)
     resolved = dataclasses.replace(
         config,
         data=dataclasses.replace(data, dense_features=list(dense), sparse_features=list(sparse)),
@@ -69,11 +71,25 @@ def _per_feature(sizes: int | list[int], sparse: list[str]) -> list[int]:
     return list(sizes)
 
 
-def _from_shards(config: Config, paths: dict[str, str], sharded: set[str]) -> tuple[list[str], list[str], list[int]]:
-    data = config.data
+def _shard_splits(config: Config, paths: dict[str, str]) -> dict[str, str]:
+    """The split folders the data paths name, raw files replaced by their cached preprocessing."""
+    for key, path in paths.items():
+        if not Path(path).exists():
+            raise ConfigError(f"data.{key}={path}: no such file or folder")
+        if Path(path).is_dir() and not is_shard_split(path):
+            raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json in "
+                              "its parent): run `recsys preprocess` on the raw files, or name them")
+    sharded = {key for key, path in paths.items() if is_shard_split(path)}
+    if not sharded:
+        return cached_shards(config, paths)
     if sharded != set(paths):
         raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
-                          "not: use the splits of one `recsys preprocess` output")
+                          "raw files: use the splits of one `recsys preprocess` output, or raw files throughout")
+    return paths
+
+
+def _from_shards(config: Config, paths: dict[str, str]) -> tuple[list[str], list[str], list[int]]:
+    data = config.data
     metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
     if len({m["fingerprint"] for m in metadata.values()}) > 1:
         raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")

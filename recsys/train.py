@@ -38,9 +38,9 @@ from recsys.checkpoint import (
     save_checkpoint,
 )
 from recsys.config import Config
-from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
+from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
-from recsys.data.shards import ShardedSplit, is_shard_split, split_batches
+from recsys.data.shards import ShardedSplit
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
 from recsys.distributed.optimizers import build_optimizer
@@ -63,25 +63,16 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Splits:
-    train: ArrayData | ShardedSplit
-    val: ArrayData | ShardedSplit
-    test: ArrayData | ShardedSplit | None
-
-
-def load_split(config: Config, path: str) -> ArrayData | ShardedSplit:
-    """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory.
-    ``config`` is resolved (``recsys.resolve``)."""
-    if is_shard_split(path):
-        return ShardedSplit(path)
-    data = config.data
-    return load_criteo_tsv(path, data.dense_features, data.sparse_features, config.model.num_embeddings, data.group_column)
+    train: ShardedSplit
+    val: ShardedSplit
+    test: ShardedSplit | None
 
 
 def load_splits(config: Config) -> Splits:
-    """The run's splits; the train split's negatives are downsampled when ``data.negative_downsampling`` < 1."""
+    """The run's splits (shard folders: ``resolve_config`` has preprocessed raw files into them); the train
+    split's negatives are downsampled when ``data.negative_downsampling`` < 1."""
     data = config.data
-    splits = Splits(load_split(config, data.train), load_split(config, data.val),
-                    load_split(config, data.test) if data.test else None)
+    splits = Splits(ShardedSplit(data.train), ShardedSplit(data.val), ShardedSplit(data.test) if data.test else None)
     if data.negative_downsampling < 1:
         splits.train = downsample_negatives(splits.train, data.negative_downsampling, config.training.seed)
     return splits
@@ -189,13 +180,13 @@ def build_job(config: Config) -> Job:
     return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
 
 
-def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
+def eval_batches(config: Config, env: DistEnv, split: ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return split_batches(split, data.sparse_features, data.per_rank(env.world_size)[1], env.rank, env.world_size,
-                         data.prefetch_batches, with_groups=bool(data.group_column))
+    return split.batches(data.per_rank(env.world_size)[1], env.rank, env.world_size, data.prefetch_batches,
+                         with_groups=bool(data.group_column))
 
 
-def evaluate_job(job: Job, split: ArrayData | ShardedSplit, model: torch.nn.Module | None = None) -> Evaluation:
+def evaluate_job(job: Job, split: ShardedSplit, model: torch.nn.Module | None = None) -> Evaluation:
     """The job's model (or ``model``, e.g. the pipeline's) on ``split``, with the downsampling correction."""
     config = job.config
     batches = eval_batches(config, job.env, split)
@@ -251,7 +242,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     # run_dir whose checkpoints are all damaged.
     if verify:
         for split in (splits.train, splits.val, splits.test):
-            if isinstance(split, ShardedSplit):
+            if split is not None:
                 split.verify_checksums()
     resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
     if env.is_main:
@@ -279,9 +270,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         logger.event("data", progress["step"], train_rows_kept=len(splits.train), seed=cfg_train.seed,
                      negative_downsampling=cfg_data.negative_downsampling)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
-    keys = cfg_data.sparse_features
 
-    def run_eval(stage: str, split: ArrayData | ShardedSplit) -> Evaluation:
+    def run_eval(stage: str, split: ShardedSplit) -> Evaluation:
         # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
         # its next progress() call.
         start = time.perf_counter()
@@ -305,10 +295,10 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     last_val: Evaluation | None = None
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
-        batches = split_batches(
-            splits.train, keys, rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches,
-            shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
-            drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
+        batches = splits.train.batches(
+            rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches, shuffle=cfg_data.shuffle,
+            seed=cfg_train.seed, epoch=progress["epoch"], drop_last=cfg_data.drop_last,
+            start_batch=progress["batch_in_epoch"],
         )  # fmt: skip
         bar = tqdm(
             total=steps_per_epoch, initial=progress["batch_in_epoch"], desc=f"epoch {progress['epoch']}",

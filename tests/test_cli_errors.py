@@ -10,7 +10,7 @@ import yaml
 import recsys.checkpoint
 from recsys.cli import main
 from recsys.config import ConfigError
-from tests.distributed.conftest import tiny_config
+from tests.distributed.conftest import hashed_shards, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     generate_splits(root, 600)
     path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(root, root / "run", 32, 1)))
+    path.write_text(yaml.safe_dump(tiny_config(hashed_shards(root, "shards", 40), root / "run", 32, 1)))
     return path
 
 

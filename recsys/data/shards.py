@@ -4,10 +4,9 @@ A split folder (``OUT/train``) holds ``part-NNNNN/`` shards; ``OUT/metadata.json
 opened with ``np.load(mmap_mode="r")``: nothing is read until a batch gathers its rows, so a split of any
 size opens instantly and the page cache, not the process, holds the data.
 
-Batch order follows ``recsys.data.criteo.iterate_batches``: the epoch is a permutation of the split's rows,
-global batch ``s`` is its positions ``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice
-(``criteo.rank_bounds``), so W ranks together see exactly what one process with batch B*W sees, and every
-rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
+Batch order: the epoch is a permutation of the split's rows, global batch ``s`` is its positions
+``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice (``batching.rank_bounds``), so W ranks together see
+exactly what one process with batch B*W sees, and every rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
 permuted within each shard), which keeps memory at one shard's index instead of one per row of the split;
 preprocessing with ``shuffle`` mixes rows across shards beforehand.
 """
@@ -25,7 +24,7 @@ import torch
 from torchrec.datasets.utils import Batch
 
 from recsys.config import UserError
-from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
+from recsys.data.batching import make_batch, num_batches, rank_bounds
 from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
 
 
@@ -115,7 +114,8 @@ class ShardedSplit:
         path = Path(path)
         meta_path = path.parent / "metadata.json"
         if not path.is_dir():
-            raise ShardError(f"{path}: no such split folder")
+            raise ShardError(f"{path}: no such split folder (name the split folders of a `recsys preprocess` "
+                             "output, or raw input files, in data.train/val/test)")
         if not meta_path.is_file():
             raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
         self.metadata = read_metadata(meta_path)
@@ -234,7 +234,7 @@ class ShardedSplit:
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2, **order: Any) -> Iterator[Batch]:
         """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
         background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last,
-        start_batch and with_groups, as in ``criteo.iterate_batches``."""
+        start_batch and with_groups (resume mid-epoch at global batch ``start_batch``; GroupedBatches)."""
         batches = self._local_batches(batch_size, rank, world_size, **order)
         return prefetched(batches, prefetch) if prefetch > 0 else batches
 
@@ -304,17 +304,3 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
         stop.set()
 
 
-def split_batches(
-    split: ShardedSplit | ArrayData,
-    keys: list[str],
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    prefetch: int = 0,
-    **order: Any,
-) -> Iterator[Batch]:
-    """Batches of either kind of split with the same semantics (``order``: shuffle, seed, epoch, drop_last,
-    start_batch)."""
-    if isinstance(split, ShardedSplit):
-        return split.batches(batch_size, rank, world_size, prefetch, **order)
-    return iterate_batches(split, keys, batch_size, rank, world_size, **order)

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.data.criteo import jagged_ids
+from recsys.data.batching import jagged_ids
 from recsys.data.preprocess.parse import BadInput
 from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
 from recsys.data.preprocess.sources import Chunk

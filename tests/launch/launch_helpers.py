@@ -43,14 +43,16 @@ class Launcher:
         self.env.pop("RANK", None)  # never join a process group the test runner may be part of
 
     def overrides(self, run_dir: Path, world_size: int, *extra: str) -> list[str]:
-        """Same data and global batch for every world size, so runs are comparable step by step."""
+        """Same data and global batch for every world size, so runs are comparable step by step. The data are
+        raw files: the first run preprocesses them into ``data.cache_dir`` (one of its processes, while the
+        others wait), later runs reuse the shards."""
         return [
             f"data.train={self.data / 'train.tsv'}",
             f"data.val={self.data / 'val.tsv'}",
             f"data.test={self.data / 'test.tsv'}",
+            f"data.cache_dir={self.data / 'cache'}",
             f"data.batch_size={GLOBAL_BATCH}",  # global: the same batches on any number of processes
             "data.eval_batch_size=256",
-            "model.num_embeddings=1000",
             "model.deep_layers=[32,16]",
             # Dropout draws its masks per process and bfloat16 rounds differently at other batch sizes, so N
             # processes would not reproduce 1; early stopping would end the long runs some tests interrupt.

@@ -18,6 +18,7 @@ OOV_ID = 1  # vocab mode: table row shared by rare and unseen tokens
 FIRST_VOCAB_ID = 2
 NO_LABEL = -1  # the label of a row from unlabelled (serving) input
 SPLIT_MODES = ("random", "files", "days")
+FINGERPRINT_MODES = ("stat", "content")
 ERROR_KINDS = ("columns", "label", "dense", "sparse", "truncated")
 MAX_EXAMPLES = 5
 MISSING_KEY = np.iinfo(np.int64).min  # an empty field; an id token with this value is rejected as bad
@@ -42,7 +43,10 @@ class Settings:
     or ``days`` (Terabyte: all files but the last are train; the last is halved into val then test).
     ``max_memory_gb`` bounds the whole process tree (vocabularies apart); the worker count is lowered to
     fit it. ``max_bad_fraction``: the run fails when more rows than this are malformed; ``strict`` fails
-    at the first.
+    at the first. ``fingerprint``: how the inputs enter the run's fingerprint, which decides what a re-run
+    reuses: ``stat`` (path, size and mtime; free) or ``content`` (path, size and a blake2b hash of the bytes,
+    read once per run): with ``content`` a copied file whose mtime lies still reuses or invalidates
+    correctly; ``stat`` misses a change that keeps both the size and the mtime (``os.utime``).
     """
 
     out: str
@@ -59,6 +63,7 @@ class Settings:
     max_bad_fraction: float = 0.01
     accept_truncated: bool = False  # keep the rows before a gzip stream breaks instead of failing
     progress: bool = True
+    fingerprint: str = "stat"
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from recsys.config import UserError
-from recsys.data.preprocess.base import SPLIT_MODES, Settings
+from recsys.data.preprocess.base import FINGERPRINT_MODES, SPLIT_MODES, Settings
 from recsys.data.preprocess.pipeline import run, summarize
 from recsys.data.schema import load_schema
 
@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accept-truncated", action="store_true",
                         help="keep the rows before the break of a truncated or corrupt .gz input (the loss is "
                         "reported in the summary and metadata.json) instead of failing")
+    parser.add_argument("--fingerprint", choices=FINGERPRINT_MODES, default=Settings.fingerprint,
+                        help="what identifies an input when deciding what a re-run reuses: stat (size and "
+                        "mtime; default, free; misses a change that keeps both) or content (a hash of the bytes, "
+                        "read once per run; for copied files whose mtimes lie)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -66,7 +70,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         shuffle=args.shuffle, shard_rows=args.shard_rows, chunk_bytes=int(args.chunk_mb * 2**20),
         workers=args.workers, max_memory_gb=args.max_memory_gb, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, accept_truncated=args.accept_truncated,
-        progress=not args.no_progress,
+        progress=not args.no_progress, fingerprint=args.fingerprint,
     )  # fmt: skip
     try:
         metadata = run(settings, load_schema(args.schema, overrides))
