@@ -22,6 +22,7 @@ from typing import Any, Union
 
 import yaml
 
+
 class UserError(ValueError):
     """A problem the user can fix, named in the message (a file, key or path): the CLI prints the message
     and exits 2, without a traceback."""

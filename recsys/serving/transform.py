@@ -18,7 +18,7 @@ import polars as pl
 from recsys.config import UserError
 from recsys.data.layout import Columns
 from recsys.data.preprocess.base import OOV_ID, PreprocessError
-from recsys.data.preprocess.encode import encode, map_columns
+from recsys.data.preprocess.encode import encode
 from recsys.data.preprocess.parse import ChunkResult, chunk_result, parse_chunk
 from recsys.data.preprocess.sources import (
     Chunk,
@@ -116,7 +116,7 @@ def transform(data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, st
     started = time.perf_counter()
     schema = prep.schema
     parsed = parse_chunk(data, source, schema, chunk, strict)
-    columns = map_columns(encode(parsed, schema), schema, prep.vocab_dir)
+    columns, _ = encode(parsed, schema, "rows", prep.vocab_dir)
     ids = _row_ids(data, parsed.line, source, schema) if schema.id_column else None
     result = chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
     return Rows(columns, parsed.line, ids, result, oov_counts(columns, schema))

@@ -38,21 +38,6 @@ def transform_dense(dense: np.ndarray, transform: str) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def encode(parsed: Parsed, schema: Schema) -> Columns:
-    """Parsed rows -> Columns with int64 keys."""
-    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
-    sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int64)
-    for j, name in enumerate(one_hot):
-        sparse[:, j] = token_keys(parsed.sparse[name], schema.kind(name))
-    multi = {}
-    for name in schema.multi_hot:
-        lists = parsed.sparse[name]
-        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int32)
-        multi[name] = (token_keys(lists.explode().drop_nulls(), schema.kind(name)), lengths)
-    groups = token_keys(parsed.sparse[schema.group], schema.kind(schema.group)) if schema.group else None
-    return Columns(parsed.labels, transform_dense(parsed.dense, schema.dense_transform), sparse, multi, groups)
-
-
 def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[N] int64 keys -> (codes [N] int32, uniques [U] int64 sorted) with ``uniques[codes] == keys``."""
     codes = pl.Series(keys).rank("dense").to_numpy().astype(np.int32) - 1
@@ -61,21 +46,37 @@ def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, uniques
 
 
-def factorize_columns(columns: Columns, schema: Schema) -> tuple[Columns, list[np.ndarray]]:
-    """Columns of int64 keys -> (the same with codes, [F_sparse] uniques in ``schema.sparse`` order)."""
+def encode(parsed: Parsed, schema: Schema, to: str = "keys", vocab_dir: str | None = None
+           ) -> tuple[Columns, list[np.ndarray]]:  # fmt: skip
+    """Parsed rows -> (Columns, uniques). The ids become, per feature (one contiguous column at a time):
+
+    - ``keys``: int64 keys (``token_keys``);
+    - ``rows``: int32 table rows (``map_keys``: hash mode, or vocab mode with ``vocab_dir``);
+    - ``codes``: int32 codes into the feature's distinct keys (``factorize``), which ``uniques`` lists in
+      ``schema.sparse`` order (empty otherwise).
+    """
     one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
-    by_feature = np.ascontiguousarray(columns.sparse.T)  # polars copies a strided column element by element
-    sparse = np.empty(by_feature.shape, dtype=np.int32)
-    uniques = {}
+    uniques: dict[str, np.ndarray] = {}
+
+    def ids(name: str, keys: np.ndarray) -> np.ndarray:
+        if to == "rows":
+            return map_keys(keys, name, schema, vocab_dir)
+        if to == "codes":
+            codes, uniques[name] = factorize(keys)
+            return codes
+        return keys
+
+    sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int64 if to == "keys" else np.int32)
     for j, name in enumerate(one_hot):
-        sparse[j], uniques[name] = factorize(by_feature[j])
-    sparse = np.ascontiguousarray(sparse.T)
+        sparse[:, j] = ids(name, token_keys(parsed.sparse[name], schema.kind(name)))
     multi = {}
-    for name, (values, lengths) in columns.multi.items():
-        codes, uniques[name] = factorize(values)
-        multi[name] = (codes, lengths)
-    coded = Columns(columns.labels, columns.dense, sparse, multi, columns.groups)
-    return coded, [uniques[name] for name in schema.sparse]
+    for name in schema.multi_hot:
+        lists = parsed.sparse[name]
+        lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int32)
+        multi[name] = (ids(name, token_keys(lists.explode().drop_nulls(), schema.kind(name))), lengths)
+    groups = token_keys(parsed.sparse[schema.group], schema.kind(schema.group)) if schema.group else None
+    columns = Columns(parsed.labels, transform_dense(parsed.dense, schema.dense_transform), sparse, multi, groups)
+    return columns, [uniques[name] for name in schema.sparse if name in uniques]
 
 
 def save_uniques(folder: Path, uniques: list[np.ndarray]) -> None:
@@ -111,20 +112,8 @@ def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None)
     return np.where(missing, MISSING_ID, rows).astype(np.int32, copy=False)
 
 
-def map_columns(columns: Columns, schema: Schema, vocab_dir: str | None) -> Columns:
-    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
-    by_feature = np.ascontiguousarray(columns.sparse.T)  # one contiguous run per feature, not strided columns
-    sparse = np.empty(by_feature.shape, dtype=np.int32)
-    for j, name in enumerate(one_hot):
-        sparse[j] = map_keys(by_feature[j], name, schema, vocab_dir)
-    sparse = np.ascontiguousarray(sparse.T)
-    multi = {name: (map_keys(values, name, schema, vocab_dir), lengths)
-             for name, (values, lengths) in columns.multi.items()}
-    return Columns(columns.labels, columns.dense, sparse, multi, columns.groups)
-
-
 def map_codes(columns: Columns, uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> Columns:
-    """Columns of codes (``factorize_columns``) -> Columns of table rows: each chunk's distinct keys are
+    """Columns of codes (``encode(..., "codes")``) -> Columns of table rows: each chunk's distinct keys are
     looked up once, then gathered."""
     rows = {name: map_keys(keys, name, schema, vocab_dir) for name, keys in zip(schema.sparse, uniques)}
     one_hot = [n for n in schema.sparse if n not in schema.multi_hot]

@@ -143,7 +143,7 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
     # A NaN that is not an empty field came from a "nan" in the file: a bad value.
     if int(missing.sum()) != sum(frame[name].null_count() for name in schema.dense):
         return None
-    if not np.isfinite(dense[~missing]).all():
+    if np.isinf(dense).any():  # NaN is missing; an infinity is a bad value
         return None
     sparse = _sparse_tokens(frame, schema)
     for name, tokens in sparse.items():

@@ -57,12 +57,7 @@ from recsys.data.preprocess.base import (
     Settings,
     write_json_atomic,
 )
-from recsys.data.preprocess.encode import (
-    encode,
-    factorize_columns,
-    map_columns,
-    save_uniques,
-)
+from recsys.data.preprocess.encode import encode, save_uniques
 from recsys.data.preprocess.parse import (
     BadInput,
     ChunkResult,
@@ -92,12 +87,8 @@ def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
     started = time.perf_counter()
     source = ctx.sources[chunk.source]
     parsed = parse_chunk(read_chunk(chunk, source), source, ctx.schema, chunk, ctx.settings.strict)
-    columns = encode(parsed, ctx.schema)
     vocab = ctx.schema.sparse_mode == "vocab"
-    if vocab:
-        columns, uniques = factorize_columns(columns, ctx.schema)
-    else:
-        columns = map_columns(columns, ctx.schema, ctx.vocab_dir)
+    columns, uniques = encode(parsed, ctx.schema, "codes" if vocab else "rows")
     split = split_of_rows(chunk, source, parsed, ctx)
     final = Path(ctx.work) / "parts" / chunk.key
     tmp = final.with_name(f".{chunk.key}.tmp")

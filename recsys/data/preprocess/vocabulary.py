@@ -68,7 +68,7 @@ def write_chunk_counts(chunk: Columns, train: Columns, uniques: list[np.ndarray]
                        folder: Path) -> None:  # fmt: skip
     """Counts the train rows' tokens of every sparse feature into ``folder/counts.*``, sorted by bucket.
     ``chunk``/``train``: the chunk's and its train rows' columns in codes of ``uniques``
-    (``encode.factorize_columns``); ``parsed``: the chunk's tokens, for the strings of string features."""
+    (``encode.encode(..., "codes")``); ``parsed``: the chunk's tokens, for the strings of string features."""
     features, keys, counts, strings = [], [], [], []
     for f, name in enumerate(schema.sparse):
         count = np.bincount(_codes(train, schema, name), minlength=len(uniques[f]))
