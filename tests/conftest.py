@@ -1,26 +1,21 @@
+"""Fixtures shared by the whole suite: generated data, made once per session. Helpers: tests/helpers.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from tests.helpers import generate
 
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200k generated Criteo rows split 80/10/10 (shared by the tests that train)."""
-    from recsys.data.synthetic import generate_splits
-
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_splits(out, 200_000)
-    return out
+    """200k generated Criteo rows split 80/10/10 (shared by the tests that train to a meaningful AUC)."""
+    return generate(tmp_path_factory.mktemp("synthetic"), 200_000)
 
 
-def shared_file(*parts: str) -> Path:
-    """A file from ../shared/data, or skip the test when the shared folder is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared is only on CI and developer machines)")
-    return path
+@pytest.fixture(scope="session")
+def tiny_criteo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,500 generated Criteo rows (1,200 train / 150 val / 150 test) for multi-process, launch and CLI tests."""
+    return generate(tmp_path_factory.mktemp("tiny_criteo"), 1_500, seed=3)

@@ -26,6 +26,7 @@ def make_config(synthetic_dir: Path, run_dir: Path, *overrides: str, small: bool
     return config_from_dict(values, list(overrides))
 
 
+@pytest.mark.slow  # end to end: one epoch on 160k rows
 def test_one_epoch_on_generated_rows_learns(synthetic_dir: Path, tmp_path: Path) -> None:
     result = train(make_config(synthetic_dir, tmp_path / "run", small=False))
     test = result["test"]

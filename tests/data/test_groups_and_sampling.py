@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from data_helpers import write_lines
 from recsys.config import ConfigError, config_from_dict
 from recsys.data.criteo import ArrayData, GroupedBatch, iterate_batches, load_criteo_tsv
 from recsys.data.preprocess import Settings, run
@@ -15,6 +14,7 @@ from recsys.data.sampling import downsample_negatives, keep_mask, logit_correcti
 from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, dataset_config, split_batches
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
+from tests.helpers import write_lines
 
 ROWS = 600
 

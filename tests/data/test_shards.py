@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_helpers import criteo_lines, write_lines
 from recsys.config import Config, ConfigError, config_from_dict
 from recsys.data.criteo import ArrayData, iterate_batches
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema, schema_from_dict
 from recsys.data.shards import ShardError, ShardedSplit, dataset_config, split_batches
+from tests.helpers import criteo_lines, write_lines
 
 ROWS = 1003  # not a multiple of any batch size below: the remainder must be handled
 
@@ -99,13 +99,17 @@ def test_prefetch_and_multi_hot_kjt(id_dataset):
 def test_stopping_early_stops_the_prefetch_thread(id_dataset):
     import threading
 
+    def prefetchers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "shard-prefetch"}
+
+    before = prefetchers()
     batches = id_dataset.batches(10, prefetch=2)
     next(batches)
+    (thread,) = prefetchers() - before  # the consumer's own producer thread, running
+    assert thread.is_alive()
     batches.close()
-    for thread in threading.enumerate():
-        if thread.name == "shard-prefetch":
-            thread.join(timeout=5)
-            assert not thread.is_alive()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
 from recsys.serving import load
 from recsys.serving.predict import predict
-from serving_helpers import train_and_export
+from tests.helpers import train_and_export
 
 SCHEMA = """
 name: shop
