@@ -263,6 +263,9 @@ def _user_message(e: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from recsys.warnings_filter import install
+
+    install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
