@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,25 @@ from tests.helpers import generate
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200k generated Criteo rows split 80/10/10 (shared by the tests that train to a meaningful AUC)."""
-    return generate(tmp_path_factory.mktemp("synthetic"), 200_000)
+    """50k generated Criteo rows (40k train / 5k val / 5k test) for the tests that train briefly and score."""
+    return generate(tmp_path_factory.mktemp("synthetic"), 50_000)
+
+
+@pytest.fixture(scope="session")
+def synthetic_200k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200k generated Criteo rows split 80/10/10: enough to learn the planted model (slow tests)."""
+    return generate(tmp_path_factory.mktemp("synthetic_200k"), 200_000)
 
 
 @pytest.fixture(scope="session")
 def tiny_criteo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1,500 generated Criteo rows (1,200 train / 150 val / 150 test) for multi-process, launch and CLI tests."""
     return generate(tmp_path_factory.mktemp("tiny_criteo"), 1_500, seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process tests skip fsync: it only matters across a power loss, which no test can observe, and
+    torch.distributed.checkpoint syncs every file of every checkpoint (a second per tiny run on this disk).
+    The tests that kill processes mid-checkpoint run in child processes, which keep it."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)

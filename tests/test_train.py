@@ -11,10 +11,9 @@ from recsys.train import evaluate_checkpoint, train
 
 
 def make_config(synthetic_dir: Path, run_dir: Path, *overrides: str, small: bool = True) -> Config:
-    train_split = "val.tsv" if small else "train.tsv"
     values = {
         "data": {
-            "train": str(synthetic_dir / train_split),
+            "train": str(synthetic_dir / "train.tsv"),
             "val": str(synthetic_dir / "test.tsv"),
             "test": str(synthetic_dir / "test.tsv"),
             "batch_size": 1024 if small else 2048,
@@ -27,10 +26,10 @@ def make_config(synthetic_dir: Path, run_dir: Path, *overrides: str, small: bool
 
 
 @pytest.mark.slow  # end to end: one epoch on 160k rows
-def test_one_epoch_on_generated_rows_learns(synthetic_dir: Path, tmp_path: Path) -> None:
-    result = train(make_config(synthetic_dir, tmp_path / "run", small=False))
+def test_one_epoch_on_generated_rows_learns(synthetic_200k: Path, tmp_path: Path) -> None:
+    result = train(make_config(synthetic_200k, tmp_path / "run", small=False))
     test = result["test"]
-    oracle = json.loads((synthetic_dir / "oracle.json").read_text())["oracle"]["test"]
+    oracle = json.loads((synthetic_200k / "oracle.json").read_text())["oracle"]["test"]
     ctr = test["ctr"]
     constant_logloss = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
     assert test["rows"] == oracle["rows"]

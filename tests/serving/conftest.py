@@ -10,7 +10,7 @@ import pytest
 from recsys.config import Config
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
-from tests.helpers import generate, train_and_export
+from tests.helpers import train_and_export
 
 
 @dataclass
@@ -22,14 +22,12 @@ class ServingRun:
 
 
 @pytest.fixture(scope="session")
-def serving_run(tmp_path_factory: pytest.TempPathFactory) -> ServingRun:
-    """50k generated rows (40k / 5k / 5k) preprocessed into vocab shards, 30 training steps of 1,024 rows, eval
-    and an export with ONNX."""
+def serving_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServingRun:
+    """The generated rows preprocessed into vocab shards, 30 training steps, eval and an export with ONNX."""
     root = tmp_path_factory.mktemp("serving")
-    raw = generate(root / "raw", 50_000)
-    inputs = [f"{split}={raw / f'{split}.tsv'}" for split in ("train", "val", "test")]
+    inputs = [f"{split}={synthetic_dir / f'{split}.tsv'}" for split in ("train", "val", "test")]
     run(Settings(out=str(root / "shards"), inputs=inputs, split="files", progress=False),
         load_schema("criteo", {"min_count": 2}))  # fmt: skip
     config, metrics, export = train_and_export(root, root / "shards", "--onnx")
-    return ServingRun(raw, config, metrics, export)
+    return ServingRun(synthetic_dir, config, metrics, export)
 
