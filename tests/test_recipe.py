@@ -44,6 +44,7 @@ EARLY_STOPPING = ["training.epochs=10", "training.eval_every_steps=10", "early_s
                   "early_stopping.monitor=gauc", "early_stopping.patience=2", "early_stopping.min_delta=0.002"]
 
 
+@pytest.mark.slow  # end to end: trains until early stopping, then eval and export
 def test_early_stopping_keeps_and_serves_the_best_checkpoint(users_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = users_config(users_dir, run_dir, *EARLY_STOPPING, "training.keep_last_checkpoints=1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
@@ -12,6 +13,8 @@ from recsys.cli import main
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
 from tests.helpers import shared_file, train_and_export
+
+pytestmark = pytest.mark.slow  # end to end: preprocess, train, export, predict on real rows
 
 
 def test_criteo_kaggle_rows(tmp_path: Path) -> None:
