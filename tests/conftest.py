@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,13 @@ def _no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.distributed.checkpoint syncs every file of every checkpoint (a second per tiny run on this disk).
     The tests that kill processes mid-checkpoint run in child processes, which keep it."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)
+
+
+@pytest.fixture(autouse=True)
+def _no_plots_in_brief_runs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trainings in fast tests skip drawing RUN_DIR/plots/ (matplotlib takes ~0.7 s a run; none of them looks at
+    the pictures): tests/test_plots.py tests the drawing, and the end-to-end tests (marked slow) draw them in
+    their runs and check the files."""
+    train = sys.modules.get("recsys.train")  # imported by every test that trains
+    if train is not None and request.node.get_closest_marker("slow") is None:
+        monkeypatch.setattr(train, "write_plots", lambda run_dir: [])

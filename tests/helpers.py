@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from recsys.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIG_DIR = REPO / "configs"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

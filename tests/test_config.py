@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from recsys.config import ConfigError, config_from_dict, load_config, parse_overrides
-from tests.helpers import CONFIGS as CONFIG_DIR
+from tests.helpers import CONFIG_DIR
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
