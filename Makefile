@@ -17,9 +17,9 @@ demo: install
 	$(BIN)/python tools/preprocess_criteo.py --split files --out data/synthetic/shards \
 		train=data/synthetic/train.tsv val=data/synthetic/val.tsv test=data/synthetic/test.tsv
 # Training: two nodes x one process on this machine, launched as on a cluster (torchx -> torchrun -> workers);
-# 2048 rows per process keep the config's global batch of 4096.
+# data.batch_size is global, so the two processes train the config's batches of 4096 rows, 2048 each.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/torchx run -s local_cwd launch/components.py:train \
-		--nnodes 2 --nproc_per_node 1 -- configs/synthetic.yaml data.batch_size=2048
+		--nnodes 2 --nproc_per_node 1 -- configs/synthetic.yaml
 	$(BIN)/recsys eval configs/synthetic.yaml --split test
 	$(BIN)/recsys export configs/synthetic.yaml
 

@@ -21,6 +21,12 @@ complete one). A checkpoint is written to ``step_N.tmp``, renamed when every ran
 then does ``latest`` move to it; a crash at any point leaves ``latest`` naming the previous complete
 checkpoint. The newest ``keep_last`` checkpoints are kept, and the one named by ``best`` (the best
 validation under early stopping), which is never pruned.
+
+Why fsspec and not iopath (torchrec's optional path layer, once declared here): DCP's ``FsspecWriter`` /
+``FsspecReader`` are fsspec-based, so checkpoints need fsspec whatever else is used; fsspec's protocols
+(s3, gcs, azure, hdfs, http, memory) cover what iopath's path handlers do, and its ``memory://`` filesystem
+lets the tests exercise the URL route without a bucket. A second path layer would give users two ways to
+name the same storage, with different credentials and caching settings.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -50,7 +57,6 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
-from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import CombinedOptimizer
 
 from recsys.config import UserError
@@ -430,7 +436,7 @@ def load_checkpoint(
     """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress (ints
     and floats as saved).
 
-    ``global_batch_size`` (batch per rank x ranks) must equal the saved one when given: the data position
+    ``global_batch_size`` (``data.batch_size``) must equal the saved one when given: the data position
     is a global batch index, meaningful only for the global batch it was counted in.
     """
     _init_lazy_optimizer_state(optimizer)
@@ -450,9 +456,9 @@ def load_checkpoint(
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
         raise CheckpointMismatch(
             f"{path} was written with a global batch of {saved_batch} samples but this run's is "
-            f"{global_batch_size} (data.batch_size x world size); its data position (global batch "
+            f"{global_batch_size} (data.batch_size); its data position (global batch "
             f"{progress['batch_in_epoch']} of epoch {progress['epoch']}) only holds for the same global "
-            f"batch: set data.batch_size to {saved_batch} / world size"
+            f"batch: set data.batch_size={saved_batch}"
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

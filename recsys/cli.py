@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from recsys.config import UserError
+from recsys.install_check import check_install
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -23,7 +24,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from recsys.data.preprocess import main_from_args
+    from recsys.data.preprocess.cli import main_from_args
 
     return main_from_args(args)
 
@@ -52,13 +53,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from recsys.config import load_config
-    from recsys.data.shards import dataset_config
     from recsys.export import export_model
-    from recsys.train import table_sizes
 
-    config = dataset_config(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
     out = args.out or f"{config.training.run_dir}/export"
-    manifest = export_model(config, table_sizes(config), out, args.checkpoint, quantize=args.quantize, onnx=args.onnx)
+    manifest = export_model(config, out, args.checkpoint, quantize=args.quantize, onnx=args.onnx)
     model = manifest["model"]
     print(f"exported {out}/ from {manifest['checkpoint']} (step {manifest['step']}): {model['file']} "
           f"({model['quantization']}, {model['bytes'] / 2**20:.2f} MiB), manifest.json, preprocessing "
@@ -88,11 +87,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
-    from recsys.data.shards import dataset_config
-    from recsys.distributed.planning import dry_run, format_report
-    from recsys.distributed.sharding import PlanError
+    from recsys.distributed.planning import PlanError, dry_run, format_report
 
-    config = dataset_config(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
     device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
     try:
         report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
@@ -139,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a 41st column: a user id among N, with a per-user click bias (for GAUC)")
     gen.set_defaults(func=_generate)
 
-    from recsys.data.preprocess import add_arguments
+    from recsys.data.preprocess.cli import add_arguments
 
     pre = sub.add_parser(
         "preprocess",
@@ -262,11 +259,18 @@ def _user_message(e: BaseException) -> str | None:
     return " ".join(str(e).split())
 
 
+# Commands that use neither TorchRec nor FBGEMM skip the check (preprocess, and its workers, import no torch).
+_NO_TORCH = ("generate", "preprocess")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``recsys`` command (also what torchrun/TorchX workers run: ``python -m recsys.cli train``)."""
     from recsys.warnings_filter import install
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
     args = build_parser().parse_args(argv)
+    if args.command not in _NO_TORCH:
+        check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
     try:
         return args.func(args)
     except Exception as e:

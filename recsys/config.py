@@ -4,6 +4,10 @@ A config has nine sections (data, model, loss, optimizer, schedule, training, ea
 logging). Files are read with ``yaml.safe_load``; ``key.sub=value`` overrides from the command line are
 applied on top (the value is parsed as YAML, so ``model.deep_layers=[64,32]`` and ``training.epochs=2``
 work). Unknown keys and wrong types fail with a ``ConfigError`` that names the key and lists the valid ones.
+
+What a run's data decides (the feature lists and the table sizes) is left unset here: ``recsys.resolve``
+fills it in from the shards' ``metadata.json`` before any command uses the config (``resolve_config``).
+This module imports no torch, so preprocessing and the CLI parse configs without it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,6 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-
-CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
-CRITEO_SPARSE = [f"C{i}" for i in range(1, 27)]
 
 
 class UserError(ValueError):
@@ -35,15 +36,22 @@ class ConfigError(UserError):
 class DataConfig:
     """Where the data is and how it is batched.
 
-    ``train``/``val``/``test`` are either raw Criteo TSV files (parsed in memory, for small data) or shard
-    folders written by ``recsys preprocess`` (memory-mapped).
+    ``train``/``val``/``test`` are the split folders of a ``recsys preprocess`` output (memory-mapped), or raw
+    input files, which are preprocessed with the schema ``schema`` into ``cache_dir`` (default: the run
+    directory) first, and reused from there while they are unchanged (``recsys.data.shard_cache``).
+    ``dense_features`` / ``sparse_features`` empty (the default): the shards' features; given, they must equal
+    the shards' (``recsys.resolve``). ``batch_size`` and ``eval_batch_size`` are global: each of N processes
+    takes ``batch_size / N`` rows of every batch (``batch_size`` must divide by N), so a config trains the same
+    batches on any number of processes (``per_rank``).
     """
 
-    train: str = "data/synthetic/train.tsv"
-    val: str = "data/synthetic/val.tsv"
-    test: str = "data/synthetic/test.tsv"
-    dense_features: list[str] = field(default_factory=lambda: list(CRITEO_DENSE))
-    sparse_features: list[str] = field(default_factory=lambda: list(CRITEO_SPARSE))
+    train: str = "data/synthetic/shards/train"
+    val: str = "data/synthetic/shards/val"
+    test: str = "data/synthetic/shards/test"
+    schema: str = "criteo"
+    cache_dir: str = ""
+    dense_features: list[str] = field(default_factory=list)
+    sparse_features: list[str] = field(default_factory=list)
     batch_size: int = 4096
     eval_batch_size: int = 16384
     shuffle: bool = True
@@ -52,9 +60,16 @@ class DataConfig:
     # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
     # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
     negative_downsampling: float = 1.0
-    # Column whose raw ids group rows for GAUC (e.g. a user id): a schema's `group` in shards, or an extra
-    # last column of a TSV (`recsys generate --users N`). Empty = no GAUC.
+    # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
+    # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
+
+    def per_rank(self, world_size: int) -> tuple[int, int]:
+        """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
+        if self.batch_size % world_size:
+            raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must divide by the "
+                              f"{world_size} processes; use a multiple of {world_size}")
+        return self.batch_size // world_size, -(-self.eval_batch_size // world_size)
 
 
 @dataclass
@@ -62,13 +77,14 @@ class ModelConfig:
     """DeepFM hyper-parameters.
 
     ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
-    Raw ids are hashed into it unless the data was preprocessed into a vocabulary (then the shards' metadata
-    supplies the sizes and this value is ignored). ``shared_tables`` maps a table name to features that
-    share it.
+    0 (the default) takes the sizes from the data: the shards' ``metadata.json`` (vocabularies, or the
+    schema's hash buckets). Sizes given with data must equal the shards' (a ConfigError names the features
+    that differ; ``recsys.resolve``); without data (``recsys plan``) they size the tables.
+    ``shared_tables`` maps a table name to features that share it.
     """
 
     embedding_dim: int = 16
-    num_embeddings: Union[int, list[int]] = 100_000
+    num_embeddings: Union[int, list[int]] = 0
     pooling: str = "sum"
     shared_tables: dict[str, list[str]] = field(default_factory=dict)
     deep_layers: list[int] = field(default_factory=lambda: [128, 64])
@@ -160,6 +176,7 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0
 
 
+# TorchRec's ShardingType / EmbeddingComputeKernel values a config may name.
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 COMPUTE_KERNELS = ("dense", "fused", "fused_uvm", "fused_uvm_caching")
 
@@ -219,6 +236,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# Every option list a config can name, defined once. Registries that map the names to code
+# (``recsys.models.deepfm.ACTIVATIONS``, the optimizers of ``recsys.distributed.optimizers``) are declared
+# through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
+# TorchRec's enums by ``recsys.distributed.planning``.
 CHOICES = {
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
@@ -230,6 +251,15 @@ CHOICES = {
     "optimizer.dense": ("adam", "adagrad", "sgd"),
     "sharding.compute_device": ("auto", "cpu", "cuda"),
 }
+
+T = typing.TypeVar("T")
+
+
+def registry(key: str, mapping: dict[str, T]) -> dict[str, T]:
+    """``mapping`` (name -> implementation) after checking that it covers exactly ``CHOICES[key]``."""
+    if set(mapping) != set(CHOICES[key]):
+        raise TypeError(f"registry for {key} has {sorted(mapping)}, config.CHOICES lists {sorted(CHOICES[key])}")
+    return mapping
 
 
 def _type_name(tp: Any) -> str:
@@ -279,11 +309,13 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value if value is not None else {}, key)
+        return build_dataclass(tp, value if value is not None else {}, key)
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type[T], values: dict[str, Any], prefix: str) -> T:
+    """``cls(**values)`` with every value type-checked (nested dataclasses too) and every key known;
+    ``prefix`` names the section in errors. Run configs and preprocessing schemas are both read this way."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
@@ -297,7 +329,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
+            kwargs[name] = build_dataclass(tp, value or {}, key)
         else:
             kwargs[name] = _check_value(value, tp, key)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
@@ -345,7 +377,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     merged = _merge(values or {}, parse_overrides(overrides or []))
-    config = _build(Config, merged, "")
+    config = build_dataclass(Config, merged, "")
     validate(config)
     return config
 
@@ -373,22 +405,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Cross-field checks that types alone cannot express. Checks that need the sparse features run once
+    they are known: at load time when the config lists them, else on the resolved config."""
     model, data = config.model, config.data
     if model.embedding_dim <= 0:
         raise ConfigError("model.embedding_dim must be positive")
-    if isinstance(model.num_embeddings, list) and len(model.num_embeddings) != len(data.sparse_features):
-        raise ConfigError(
-            f"model.num_embeddings has {len(model.num_embeddings)} entries but data.sparse_features has "
-            f"{len(data.sparse_features)}"
-        )
-    sizes = model.num_embeddings if isinstance(model.num_embeddings, list) else [model.num_embeddings]
-    if any(n <= 0 for n in sizes):
-        raise ConfigError("model.num_embeddings must be positive")
+    if isinstance(model.num_embeddings, list):
+        if data.sparse_features and len(model.num_embeddings) != len(data.sparse_features):
+            raise ConfigError(
+                f"model.num_embeddings has {len(model.num_embeddings)} entries but data.sparse_features has "
+                f"{len(data.sparse_features)}"
+            )
+        if any(n <= 0 for n in model.num_embeddings):
+            raise ConfigError("model.num_embeddings must be positive")
+    elif model.num_embeddings < 0:
+        raise ConfigError("model.num_embeddings must be positive, or 0 for the data's sizes")
     seen: set[str] = set()
     for table, features in model.shared_tables.items():
         for feature in features:
-            if feature not in data.sparse_features:
+            if data.sparse_features and feature not in data.sparse_features:
                 raise ConfigError(f"model.shared_tables.{table}: unknown sparse feature {feature!r}")
             if feature in seen:
                 raise ConfigError(f"model.shared_tables: feature {feature!r} is in more than one table")
@@ -466,6 +501,12 @@ def _validate_sharding(config: Config) -> None:
                 raise ConfigError(f"{key}.compute_kernels: {value!r} is not one of {list(COMPUTE_KERNELS)}")
     resolved: dict[str, str] = {}
     for name, entry in sharding.tables.items():
+        if not 0.0 <= entry.cache_load_factor <= 1.0:
+            raise ConfigError(f"sharding.tables.{name}.cache_load_factor must be in [0, 1]")
+        if entry.min_partition < 0 or entry.min_partition % 4:
+            raise ConfigError(f"sharding.tables.{name}.min_partition must be a non-negative multiple of 4")
+        if not features:
+            continue  # table names are checked on the resolved config
         table = name if name in tables else f"t_{name}"
         if table in resolved:
             raise ConfigError(f"sharding.tables: {resolved[table]!r} and {name!r} name the same table {table!r}")
@@ -474,7 +515,3 @@ def _validate_sharding(config: Config) -> None:
             raise ConfigError(f"sharding.tables: {name!r} is neither a table {tables} nor a sparse feature")
         if name in in_shared:
             raise ConfigError(f"sharding.tables.{name}: feature is in shared table; constrain the table instead")
-        if not 0.0 <= entry.cache_load_factor <= 1.0:
-            raise ConfigError(f"sharding.tables.{name}.cache_load_factor must be in [0, 1]")
-        if entry.min_partition < 0 or entry.min_partition % 4:
-            raise ConfigError(f"sharding.tables.{name}.min_partition must be a non-negative multiple of 4")

@@ -52,11 +52,11 @@ import recsys
 from recsys.checkpoint import read_tensors, resolve_checkpoint
 from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
-from recsys.data.schema import load_schema, schema_from_dict
-from recsys.data.shards import is_shard_split, split_batches
+from recsys.data.schema import schema_from_dict
+from recsys.data.shards import ShardedSplit
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
+from recsys.resolve import resolve_config
 from recsys.serving.modules import LogitModel, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
-from recsys.train import load_split
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
@@ -92,30 +92,19 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def load_unsharded(config: Config, table_sizes: list[int], checkpoint: str) -> DeepFM:
-    """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint."""
-    wrapper = DeepFMTrain(build_deepfm(config, table_sizes, device="cpu"))
+def load_unsharded(config: Config, checkpoint: str) -> DeepFM:
+    """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint; ``config`` is resolved."""
+    wrapper = DeepFMTrain(build_deepfm(config, device="cpu"))
     wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval().requires_grad_(False)
 
 
-def serving_preprocessing(config: Config, table_sizes: list[int]) -> tuple[dict, Path | None]:
-    """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode).
-
-    Shard folders carry theirs in ``metadata.json``; the raw-TSV route (``recsys.data.criteo``) is the
-    Criteo schema in hash mode with ``model.num_embeddings`` buckets per feature.
-    """
-    data = config.data
-    if is_shard_split(data.train):
-        root = Path(data.train).parent
-        schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
-        return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
-    schema = load_schema("criteo", {
-        "columns": ["label", *data.dense_features, *data.sparse_features], "dense": data.dense_features,
-        "sparse": data.sparse_features, "sparse_mode": "hash",
-        "hash_buckets": dict(zip(data.sparse_features, table_sizes)),
-    })  # fmt: skip
-    return schema.to_dict(), None
+def serving_preprocessing(config: Config) -> tuple[dict, Path | None]:
+    """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode), from the
+    ``metadata.json`` of the shards ``data.train`` names (a resolved config: ``recsys.resolve``)."""
+    root = Path(config.data.train).parent
+    schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
+    return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
 
 
 def _id_rules(schema: dict, features: list[str], table_sizes: list[int]) -> dict:
@@ -173,9 +162,8 @@ def script_model(model: DeepFM, serving: dict, quantize: str | None = None) -> t
 def model_batches(config: Config, rows: int | None = None) -> Iterator[Batch]:
     """Batches of the test split (else val), up to ``rows`` rows."""
     data = config.data
-    split = load_split(config, data.test or data.val)
     seen = 0
-    for batch in split_batches(split, data.sparse_features, data.eval_batch_size):
+    for batch in ShardedSplit(data.test or data.val).batches(data.eval_batch_size, prefetch=0):
         if rows is not None and seen >= rows:
             return
         yield batch
@@ -278,7 +266,6 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def export_model(
     config: Config,
-    table_sizes: list[int],
     out_dir: str,
     checkpoint: str | None = None,
     quantize: str | None = None,
@@ -288,12 +275,15 @@ def export_model(
 ) -> dict[str, Any]:
     """Writes the export folder ``out_dir`` (see the module docstring) and returns its manifest.
 
+    ``config`` is the run's config (resolved here against its data, as training resolved it).
+
     ``checkpoint``: ``latest``, ``best`` or a checkpoint path; None takes the run's best if early stopping
     marked one, else its latest (``recsys.checkpoint.resolve_checkpoint``).
     ``quantize``: None (fp32), "int8" or "int4"; the manifest then compares size and test AUC with fp32.
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
+    config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
     if quantize is not None and quantize not in QUANTIZE:
@@ -304,8 +294,8 @@ def export_model(
     _check_destination(out)
     checkpoint = resolve_checkpoint(config.training.run_dir, checkpoint)
     started = time.perf_counter()
-    model = load_unsharded(config, table_sizes, checkpoint)
-    schema, vocab = serving_preprocessing(config, table_sizes)
+    model = load_unsharded(config, checkpoint)
+    schema, vocab = serving_preprocessing(config)
     features = {"dense": config.data.dense_features, "sparse": config.data.sparse_features,
                 "multi_hot": list(schema["multi_hot"])}  # fmt: skip
     manifest: dict[str, Any] = {
@@ -319,7 +309,7 @@ def export_model(
         "preprocessing": {
             "schema": schema,
             "dense": ("log1p(max(x, 0))" if schema["dense_transform"] == "log1p" else "x") + "; missing, NaN or inf -> 0",
-            "ids": _id_rules(schema, features["sparse"], table_sizes),
+            "ids": _id_rules(schema, features["sparse"], config.model.num_embeddings),
             "vocab_dir": "vocab" if vocab else None,
         },
         "negative_sampling_rate": negative_sampling_rate,

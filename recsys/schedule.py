@@ -23,6 +23,7 @@ The plateau factor scales the stages (their ``lr_scale``); it is kept in the che
 from __future__ import annotations
 
 import math
+
 import torch
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.optim.warmup import WarmupOptimizer, WarmupPolicy, WarmupStage

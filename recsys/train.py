@@ -38,17 +38,19 @@ from recsys.checkpoint import (
     save_checkpoint,
 )
 from recsys.config import Config
-from recsys.data.criteo import ArrayData, load_criteo_tsv, num_batches
+from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
-from recsys.data.shards import ShardedSplit, dataset_config, is_shard_split, split_batches
+from recsys.data.shards import ShardedSplit
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed
-from recsys.distributed.sharding import build_optimizer, shard_model
+from recsys.distributed.optimizers import build_optimizer
+from recsys.distributed.parallel import shard_model
 from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
 from recsys.plots import write_plots
+from recsys.resolve import resolve_config
 from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
 
@@ -59,31 +61,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def table_sizes(config: Config) -> list[int]:
-    sizes = config.model.num_embeddings
-    return list(sizes) if isinstance(sizes, list) else [sizes] * len(config.data.sparse_features)
-
-
 @dataclass
 class Splits:
-    train: ArrayData | ShardedSplit
-    val: ArrayData | ShardedSplit
-    test: ArrayData | ShardedSplit | None
-
-
-def load_split(config: Config, path: str) -> ArrayData | ShardedSplit:
-    """A shard folder from ``recsys preprocess`` is memory-mapped; a TSV file is parsed into memory."""
-    if is_shard_split(path):
-        return ShardedSplit(path)
-    data = config.data
-    return load_criteo_tsv(path, data.dense_features, data.sparse_features, table_sizes(config), data.group_column)
+    train: ShardedSplit
+    val: ShardedSplit
+    test: ShardedSplit | None
 
 
 def load_splits(config: Config) -> Splits:
-    """The run's splits; the train split's negatives are downsampled when ``data.negative_downsampling`` < 1."""
+    """The run's splits (shard folders: ``resolve_config`` has preprocessed raw files into them); the train
+    split's negatives are downsampled when ``data.negative_downsampling`` < 1."""
     data = config.data
-    splits = Splits(load_split(config, data.train), load_split(config, data.val),
-                    load_split(config, data.test) if data.test else None)
+    splits = Splits(ShardedSplit(data.train), ShardedSplit(data.val), ShardedSplit(data.test) if data.test else None)
     if data.negative_downsampling < 1:
         splits.train = downsample_negatives(splits.train, data.negative_downsampling, config.training.seed)
     return splits
@@ -160,7 +149,7 @@ def evaluate(
 class Job:
     """Everything a run needs, built the same way for training and for evaluating a checkpoint.
 
-    ``config`` is the run's config resolved against the data (features and table sizes of shard folders).
+    ``config`` is the run's config resolved against the data (``recsys.resolve.resolve_config``).
     ``max_steps`` is the run's length (``training.max_steps``, else its epochs), which the schedule spans.
     """
 
@@ -175,28 +164,29 @@ class Job:
 
 
 def build_job(config: Config) -> Job:
-    config = dataset_config(config)
+    """Resolves ``config`` against its data, joins the process group, loads the splits and shards the model."""
+    config = resolve_config(config)
     env = init_distributed(config.sharding.compute_device)
     seed_everything(config.training.seed)
     splits = load_splits(config)
     data, cfg_train = config.data, config.training
-    steps_per_epoch = num_batches(len(splits.train), data.batch_size, env.world_size, data.drop_last)
+    steps_per_epoch = num_batches(len(splits.train), data.per_rank(env.world_size)[0], env.world_size, data.drop_last)
     max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
-    model = build_deepfm(config, table_sizes(config), device="meta")
+    model = build_deepfm(config, device="meta")
     dmp = shard_model(DeepFMTrain(model, build_loss(config.loss)), config, env)
     optimizer = build_optimizer(dmp, config, schedule.wrap)
     return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
 
 
-def eval_batches(config: Config, env: DistEnv, split: ArrayData | ShardedSplit) -> Iterator[Batch]:
+def eval_batches(config: Config, env: DistEnv, split: ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return split_batches(split, data.sparse_features, data.eval_batch_size, env.rank, env.world_size,
-                         data.prefetch_batches, with_groups=bool(data.group_column))
+    return split.batches(data.per_rank(env.world_size)[1], env.rank, env.world_size, data.prefetch_batches,
+                         with_groups=bool(data.group_column))
 
 
-def evaluate_job(job: Job, split: ArrayData | ShardedSplit, model: torch.nn.Module | None = None) -> Evaluation:
+def evaluate_job(job: Job, split: ShardedSplit, model: torch.nn.Module | None = None) -> Evaluation:
     """The job's model (or ``model``, e.g. the pipeline's) on ``split``, with the downsampling correction."""
     config = job.config
     batches = eval_batches(config, job.env, split)
@@ -252,7 +242,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     # run_dir whose checkpoints are all damaged.
     if verify:
         for split in (splits.train, splits.val, splits.test):
-            if isinstance(split, ShardedSplit):
+            if split is not None:
                 split.verify_checksums()
     resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
     if env.is_main:
@@ -262,8 +252,9 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
             fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     # The data position is a global batch index, so a run resumes on a different number of ranks only
-    # with the same global batch (data.batch_size x world size); load_checkpoint checks it.
-    global_batch = cfg_data.batch_size * env.world_size
+    # with the same global batch (data.batch_size); load_checkpoint checks it.
+    rank_batch = cfg_data.per_rank(env.world_size)[0]
+    global_batch = rank_batch * env.world_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     stopper = EarlyStopping(config.early_stopping)
     if resume_from:
@@ -279,9 +270,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         logger.event("data", progress["step"], train_rows_kept=len(splits.train), seed=cfg_train.seed,
                      negative_downsampling=cfg_data.negative_downsampling)
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
-    keys = cfg_data.sparse_features
 
-    def run_eval(stage: str, split: ArrayData | ShardedSplit) -> Evaluation:
+    def run_eval(stage: str, split: ShardedSplit) -> Evaluation:
         # Eval runs the plain DMP forward; the pipeline keeps its in-flight batches and re-attaches on
         # its next progress() call.
         start = time.perf_counter()
@@ -305,10 +295,10 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     last_val: Evaluation | None = None
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
-        batches = split_batches(
-            splits.train, keys, cfg_data.batch_size, env.rank, env.world_size, cfg_data.prefetch_batches,
-            shuffle=cfg_data.shuffle, seed=cfg_train.seed, epoch=progress["epoch"],
-            drop_last=cfg_data.drop_last, start_batch=progress["batch_in_epoch"],
+        batches = splits.train.batches(
+            rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches, shuffle=cfg_data.shuffle,
+            seed=cfg_train.seed, epoch=progress["epoch"], drop_last=cfg_data.drop_last,
+            start_batch=progress["batch_in_epoch"],
         )  # fmt: skip
         bar = tqdm(
             total=steps_per_epoch, initial=progress["batch_in_epoch"], desc=f"epoch {progress['epoch']}",

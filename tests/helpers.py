@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 SHARED_DATA = REPO.parent / "shared" / "data"
+BIG_ROWS = 400_000  # the rows of table C1 in the ``tiny_criteo_big_c1`` shards
 
 
 def shared_file(*parts: str) -> Path:
@@ -62,6 +63,28 @@ def criteo_lines() -> tuple[str, ...]:
     return tuple(format_rows(generate_chunk(spec, 0, 1500)).splitlines(keepends=True))
 
 
+def vocab_shards(raw: Path, out: Path) -> Path:
+    """``raw``'s train/val/test files preprocessed into vocab shards in ``out`` (ids seen twice get a row):
+    the folder holding ``metadata.json`` and the ``train``/``val``/``test`` split folders."""
+    from recsys.data.preprocess import Settings, run
+    from recsys.data.schema import load_schema
+
+    inputs = [f"{split}={raw / f'{split}.tsv'}" for split in ("train", "val", "test")]
+    run(Settings(out=str(out), inputs=inputs, split="files", progress=False), load_schema("criteo", {"min_count": 2}))
+    return out
+
+
+def hashed_shards(raw: Path, name: str, buckets: int | dict[str, int]) -> Path:
+    """``raw``'s splits preprocessed in hash mode with ``buckets`` rows per table into ``raw/name``."""
+    from recsys.data.preprocess import Settings, run
+    from recsys.data.schema import load_schema
+
+    inputs = [f"{split}={raw / f'{split}.tsv'}" for split in ("train", "val", "test")]
+    run(Settings(out=str(raw / name), inputs=inputs, split="files", progress=False, workers=1),
+        load_schema("criteo", {"sparse_mode": "hash", "hash_buckets": buckets}))
+    return raw / name
+
+
 def write_lines(path: Path, lines) -> Path:
     path.write_text("".join(lines))
     return path
@@ -81,11 +104,12 @@ def read_split(out: Path, split: str) -> dict[str, np.ndarray]:
 
 
 def tiny_config(data: Path, run_dir: Path, batch_size: int, max_steps: int, **sections: dict) -> dict:
-    """A small DeepFM (26 tables of 40 rows, width 16) training ``max_steps`` steps, logging every step."""
+    """A small DeepFM (width 16; tables sized by the shards: 40 rows in ``tiny_criteo``) training ``max_steps``
+    steps, logging every step."""
     values = {
-        "data": {"train": str(data / "train.tsv"), "val": str(data / "val.tsv"), "test": "",
+        "data": {"train": str(data / "train"), "val": str(data / "val"), "test": "",
                  "batch_size": batch_size, "eval_batch_size": 32},
-        "model": {"embedding_dim": 15, "num_embeddings": 40, "deep_layers": [16]},
+        "model": {"embedding_dim": 15, "deep_layers": [16]},  # table sizes: the shards'
         "training": {"max_steps": max_steps, "run_dir": str(run_dir), "seed": 3},
         "sharding": {"compute_device": "cpu"},
         "logging": {"progress_bar": False, "tensorboard": False, "log_every_steps": 1},
@@ -150,14 +174,16 @@ class Launcher:
         self.env = child_env()
 
     def overrides(self, run_dir: Path, world_size: int, *extra: str) -> list[str]:
-        """Same data and global batch for every world size, so runs are comparable step by step."""
+        """Same data and global batch for every world size, so runs are comparable step by step. The data are
+        raw files: the first run preprocesses them into ``data.cache_dir`` (one of its processes, while the
+        others wait), later runs reuse the shards."""
         return [
             f"data.train={self.data / 'train.tsv'}",
             f"data.val={self.data / 'val.tsv'}",
             f"data.test={self.data / 'test.tsv'}",
-            f"data.batch_size={GLOBAL_BATCH // world_size}",
+            f"data.cache_dir={self.data / 'cache'}",
+            f"data.batch_size={GLOBAL_BATCH}",  # global: the same batches on any number of processes
             "data.eval_batch_size=256",
-            "model.num_embeddings=1000",
             "model.deep_layers=[32,16]",
             # Dropout draws its masks per process and bfloat16 rounds differently at other batch sizes, so N
             # processes would not reproduce 1; early stopping would end the long runs some tests interrupt.
@@ -218,10 +244,10 @@ def train_and_export(
     split, the `recsys export` folder ``root/export``)."""
     from recsys.cli import main
     from recsys.config import config_from_dict
-    from recsys.data.shards import dataset_config
+    from recsys.resolve import resolve_config
     from recsys.train import evaluate_checkpoint, train
 
-    config = dataset_config(config_from_dict({
+    config = resolve_config(config_from_dict({
         "data": {"train": str(shards / "train"), "val": str(shards / "val"), "test": str(shards / "test"),
                  "batch_size": 1024, "eval_batch_size": 4096},
         "model": {"embedding_dim": 10, "deep_layers": [32], "pooling": pooling},

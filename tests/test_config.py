@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from recsys.config import ConfigError, config_from_dict, load_config, parse_overrides
@@ -73,8 +72,8 @@ def test_unknown_override_key_fails() -> None:
         ({"data": {"shuffle": "yes"}}, "data.shuffle: expected true/false"),
         ({"model": "big"}, "model: expected a mapping"),
         ({"optimizer": {"sparse": "adadelta"}}, "optimizer.sparse: 'adadelta' is not one of"),
-        ({"model": {"num_embeddings": [10, 20]}}, "model.num_embeddings has 2 entries"),
-        ({"model": {"shared_tables": {"t": ["C1", "X9"]}}}, "unknown sparse feature 'X9'"),
+        ({"data": {"sparse_features": ["C1"]}, "model": {"num_embeddings": [10, 20]}}, "model.num_embeddings has 2 entries"),
+        ({"data": {"sparse_features": ["C1", "C2"]}, "model": {"shared_tables": {"t": ["C1", "X9"]}}}, "unknown sparse feature 'X9'"),
         ({"loss": {"name": "hinge"}}, r"loss.name: 'hinge' is not one of \['bce', 'focal'\]"),
         ({"loss": {"pos_weight": 0}}, "loss.pos_weight must be positive"),
         ({"loss": {"focal_alpha": 2}}, r"loss.focal_alpha must be in \[0, 1\]"),

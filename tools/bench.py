@@ -78,12 +78,10 @@ def preprocess(raw: Path, out: Path, table_sizes: list[int]) -> Path:
     """Hash mode with one bucket count per feature: the same table rows for every contender."""
     import yaml
 
-    from recsys.config import CRITEO_SPARSE
-
     if (out / "metadata.json").exists():
         return out
     schema = yaml.safe_load((REPO / "configs" / "schemas" / "criteo.yaml").read_text())
-    schema.update(sparse_mode="hash", hash_buckets=dict(zip(CRITEO_SPARSE, table_sizes)))
+    schema.update(sparse_mode="hash", hash_buckets=dict(zip(schema["sparse"], table_sizes)))
     out.mkdir(parents=True, exist_ok=True)
     schema_path = out.parent / f"{out.name}.schema.yaml"
     schema_path.write_text(yaml.safe_dump(schema))

@@ -29,13 +29,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def generate(path: Path, rows: int) -> None:
-    """One Criteo-format TSV of ``rows`` generated rows (cached: reused when it exists)."""
+def generate(path: Path, rows: int, cardinality: str = "kaggle") -> None:
+    """One Criteo-format TSV of ``rows`` generated rows (cached: reused when it exists). ``kaggle``: ids as
+    many and as skewed as Criteo Kaggle's (what vocabularies cost); ``small``: ``recsys generate``'s."""
     if path.exists():
         return
-    from recsys.data.synthetic import generate_splits
+    from recsys.data.synthetic import CRITEO_KAGGLE_VOCAB, CRITEO_KAGGLE_ZIPF, SyntheticSpec, generate_splits
 
-    generate_splits(path.parent, rows, splits={path.stem: 1.0})
+    spec = SyntheticSpec()
+    if cardinality == "kaggle":
+        spec = SyntheticSpec(vocab_sizes=list(CRITEO_KAGGLE_VOCAB), zipf_exponent=CRITEO_KAGGLE_ZIPF)
+    generate_splits(path.parent, rows, spec, splits={path.stem: 1.0})
 
 
 def _tree(pid: int) -> list[int]:
@@ -130,8 +134,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "rows": rows}))
 
 
 def bench_preprocess(args: argparse.Namespace) -> None:
-    path = Path(args.data) / f"bench_{args.rows}.tsv"
-    generate(path, args.rows)
+    path = Path(args.data) / f"bench_{args.rows}_{args.cardinality}.tsv"
+    generate(path, args.rows, args.cardinality)
     results = {}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for mode in args.modes:
@@ -200,6 +204,8 @@ def main() -> None:
     pre.add_argument("--data", default="data/bench", help="where the generated input is cached")
     pre.add_argument("--tmp", default=None, help="scratch folder for outputs")
     pre.add_argument("--workers", type=int, default=0)
+    pre.add_argument("--cardinality", choices=["kaggle", "small"], default="kaggle",
+                     help="distinct ids of the generated input: Criteo Kaggle's (default) or recsys generate's")
     pre.add_argument("--modes", nargs="+", default=["hash", "vocab"], choices=["hash", "vocab"])
     pre.add_argument("--skip-torchrec", action="store_true")
     pre.set_defaults(func=bench_preprocess)

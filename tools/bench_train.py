@@ -42,8 +42,8 @@ def bench_train(data: Path, world_size: int, steps: int, work: Path) -> dict[str
     config = load_config(REPO / "configs" / "synthetic.yaml").to_dict()
     global_batch = config["data"]["batch_size"]
     run_dir = work / f"train_w{world_size}"
-    config["data"].update(train=str(data / "train.tsv"), val=str(data / "val.tsv"), test="",
-                          batch_size=global_batch // world_size)  # fmt: skip
+    shards = data / "shards"  # preprocessed once by main(), as `make demo` does
+    config["data"].update(train=str(shards / "train"), val=str(shards / "val"), test="")  # batch: global
     config["training"].update(max_steps=steps, run_dir=str(run_dir), resume=False, eval_every_steps=0)
     config["logging"].update(progress_bar=False, tensorboard=False, log_every_steps=25)
     run_local(_train, world_size, config)
@@ -91,6 +91,11 @@ def main() -> None:
             from recsys.data.synthetic import generate_splits
 
             generate_splits(data, args.rows)
+        from recsys.data.preprocess import Settings, run
+        from recsys.data.schema import load_schema
+
+        inputs = [f"{split}={data / f'{split}.tsv'}" for split in ("train", "val", "test")]
+        run(Settings(out=str(data / "shards"), inputs=inputs, split="files", progress=False), load_schema("criteo"))
         for world_size in (1, 2):
             print(json.dumps({**bench_train(data, world_size, args.steps, work), "rows": args.rows, **host}), flush=True)
     print(json.dumps({**bench_plan(), **host}), flush=True)

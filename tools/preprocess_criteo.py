@@ -8,12 +8,9 @@ The same tool as ``recsys preprocess``; see ``recsys.data.preprocess`` for the p
 """
 
 import argparse
-import os
 import sys
 
-os.environ.setdefault("RECSYS_LIGHT_IMPORT", "1")  # no torch: this tool does not need it
-
-from recsys.data.preprocess import add_arguments, main_from_args  # noqa: E402
+from recsys.data.preprocess.cli import add_arguments, main_from_args  # imports no torch
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="preprocess_criteo.py", description=__doc__,

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-from recsys.data.criteo import ArrayData
 from recsys.data.shards import ShardedSplit
 
 # Tags the downsampling draws' stream, apart from the epoch shuffles seeded with the same training.seed.
@@ -23,13 +22,11 @@ def keep_mask(labels: np.ndarray, rate: float, seed: list[int]) -> np.ndarray:
     return (np.asarray(labels) != 0) | (np.random.default_rng([_STREAM, *seed]).random(len(labels)) < rate)
 
 
-def downsample_negatives(split: ArrayData | ShardedSplit, rate: float, seed: int) -> ArrayData | ShardedSplit:
+def downsample_negatives(split: ShardedSplit, rate: float, seed: int) -> ShardedSplit:
     """The split with each negative kept with probability ``rate``; the same rows for every epoch (drawn
     per shard, so the choice does not depend on the number of ranks)."""
-    if isinstance(split, ShardedSplit):
-        split.restrict([np.flatnonzero(keep_mask(s.labels, rate, [seed, k])) for k, s in enumerate(split.shards)])
-        return split
-    return split.take(np.flatnonzero(keep_mask(split.labels, rate, [seed, 0])))
+    split.restrict([np.flatnonzero(keep_mask(s.labels, rate, [seed, k])) for k, s in enumerate(split.shards)])
+    return split
 
 
 def logit_correction(rate: float) -> float:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
-from recsys.config import ConfigError, _build, read_yaml
+from recsys.config import ConfigError, build_dataclass, read_yaml
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "configs" / "schemas"
 
@@ -32,7 +32,9 @@ class Schema:
     ``id_column`` names a row-id column that training ignores and ``recsys predict`` copies next to each
     score. ``label`` is empty only in the copy ``recsys.serving`` makes for unlabelled input.
     ``group`` names a column (a user id, say; it may also be a sparse feature) whose raw ids are kept per
-    row in ``groups.npy`` for GAUC; ``kinds`` may give its kind.
+    row in ``groups.npy`` for GAUC; ``kinds`` may give its kind. ``quote``: the RFC 4180 quote character
+    (a quoted field may hold the delimiter, newlines and doubled quotes), ``'"'`` by default for comma-separated
+    files, none (``""``) otherwise.
     """
 
     name: str
@@ -51,6 +53,11 @@ class Schema:
     hash_buckets: Union[int, dict[str, int]] = 1_000_000
     id_column: str = ""
     group: str = ""
+    quote: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.quote is None:
+            self.quote = '"' if self.delimiter == "," else ""
 
     @property
     def id_columns(self) -> list[str]:
@@ -70,6 +77,8 @@ class Schema:
     def validate(self) -> None:
         if len(self.delimiter) != 1:
             raise ConfigError(f"schema {self.name}: delimiter must be one character, got {self.delimiter!r}")
+        if len(self.quote) > 1 or self.quote in (self.delimiter, "\n"):
+            raise ConfigError(f"schema {self.name}: quote must be one character other than the delimiter, or empty")
         if not self.header and not self.columns:
             raise ConfigError(f"schema {self.name}: a file without header needs 'columns'")
         if len(set(self.columns)) != len(self.columns):
@@ -127,7 +136,7 @@ def schema_from_dict(values: dict, overrides: dict | None = None) -> Schema:
     absent = [name for name in required if name not in values]
     if absent:
         raise ConfigError(f"schema: missing required key(s) {absent}")
-    schema = _build(Schema, values, "schema")
+    schema = build_dataclass(Schema, values, "schema")
     schema.validate()
     return schema
 

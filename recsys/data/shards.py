@@ -4,17 +4,15 @@ A split folder (``OUT/train``) holds ``part-NNNNN/`` shards; ``OUT/metadata.json
 opened with ``np.load(mmap_mode="r")``: nothing is read until a batch gathers its rows, so a split of any
 size opens instantly and the page cache, not the process, holds the data.
 
-Batch order follows ``recsys.data.criteo.iterate_batches``: the epoch is a permutation of the split's rows,
-global batch ``s`` is its positions ``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice
-(``criteo.rank_bounds``), so W ranks together see exactly what one process with batch B*W sees, and every
-rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
+Batch order: the epoch is a permutation of the split's rows, global batch ``s`` is its positions
+``[s*B*W, (s+1)*B*W)`` and rank r takes its r-th slice (``batching.rank_bounds``), so W ranks together see
+exactly what one process with batch B*W sees, and every rank yields the same number of batches. The permutation is two-level (shards in a seeded random order, rows
 permuted within each shard), which keeps memory at one shard's index instead of one per row of the split;
 preprocessing with ``shuffle`` mixes rows across shards beforehand.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import queue
 import threading
@@ -25,9 +23,9 @@ import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 
-from recsys.config import Config, ConfigError, UserError, validate
-from recsys.data.criteo import ArrayData, iterate_batches, make_batch, num_batches, rank_bounds
-from recsys.data.preprocess import file_checksum, gather_ranges, max_ids
+from recsys.config import UserError
+from recsys.data.batching import make_batch, num_batches, rank_bounds
+from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
 
 
 class ShardError(UserError):
@@ -79,17 +77,11 @@ class _Shard:
 
     def __init__(self, path: Path, rows: int, multi_hot: list[str], grouped: bool) -> None:
         try:
-            self.labels = np.load(path / "labels.npy", mmap_mode="r")
-            self.dense = np.load(path / "dense.npy", mmap_mode="r")
-            self.sparse = np.load(path / "sparse.npy", mmap_mode="r")
-            self.groups = np.load(path / "groups.npy", mmap_mode="r") if grouped else None
-            self.multi = {
-                name: (np.load(path / f"{name}.values.npy", mmap_mode="r"),
-                       np.load(path / f"{name}.lengths.npy", mmap_mode="r"))
-                for name in multi_hot
-            }  # fmt: skip
+            columns = Columns.load(path, multi_hot, grouped)
         except FileNotFoundError as e:
             raise ShardError(f"{path}: incomplete shard ({e.filename} missing); re-run recsys preprocess") from None
+        self.labels, self.dense, self.sparse = columns.labels, columns.dense, columns.sparse
+        self.groups, self.multi = columns.groups, columns.multi
         sizes = {len(self.labels), len(self.dense), len(self.sparse), *(len(v[1]) for v in self.multi.values())}
         if sizes != {rows}:
             raise ShardError(f"{path}: arrays hold {sorted(sizes)} rows, metadata says {rows}")
@@ -122,7 +114,8 @@ class ShardedSplit:
         path = Path(path)
         meta_path = path.parent / "metadata.json"
         if not path.is_dir():
-            raise ShardError(f"{path}: no such split folder")
+            raise ShardError(f"{path}: no such split folder (name the split folders of a `recsys preprocess` "
+                             "output, or raw input files, in data.train/val/test)")
         if not meta_path.is_file():
             raise ShardError(f"{path}: {meta_path} is missing: not a complete `recsys preprocess` output")
         self.metadata = read_metadata(meta_path)
@@ -241,7 +234,7 @@ class ShardedSplit:
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2, **order: Any) -> Iterator[Batch]:
         """This rank's batches of the epoch (see the module docstring), ``prefetch`` of them built ahead in a
         background thread (pinned when CUDA is available). ``order``: shuffle, seed, epoch, drop_last,
-        start_batch and with_groups, as in ``criteo.iterate_batches``."""
+        start_batch and with_groups (resume mid-epoch at global batch ``start_batch``; GroupedBatches)."""
         batches = self._local_batches(batch_size, rank, world_size, **order)
         return prefetched(batches, prefetch) if prefetch > 0 else batches
 
@@ -311,59 +304,3 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
         stop.set()
 
 
-def dataset_config(config: Config) -> Config:
-    """The config with features and table sizes taken from the shards' metadata when ``data.train`` is a
-    preprocessed split folder (``model.num_embeddings`` is then ignored); otherwise ``config`` itself.
-
-    Raises ConfigError when shard folders and TSV files are mixed or the splits come from different
-    preprocessing runs.
-    """
-    data = config.data
-    paths = {key: getattr(data, key) for key in ("train", "val", "test") if getattr(data, key)}
-    sharded = {key for key, path in paths.items() if is_shard_split(path)}
-    if not sharded:
-        for key, path in paths.items():
-            if Path(path).is_dir():
-                raise ConfigError(f"data.{key}={path} is a folder but not a preprocessed split (no metadata.json "
-                                  "in its parent); run `recsys preprocess` or point it at a TSV file")
-        return config
-    if sharded != set(paths):
-        raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "
-                          "not: use the splits of one `recsys preprocess` output")
-    metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
-    if len({m["fingerprint"] for m in metadata.values()}) > 1:
-        raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
-    meta = metadata["train"]
-    for key, path in paths.items():
-        if Path(path).name not in meta["splits"]:
-            raise ConfigError(f"data.{key}={path}: the dataset has splits {list(meta['splits'])}")
-    features = meta["features"]
-    if data.group_column and data.group_column != features.get("group"):
-        raise ConfigError(f"data.group_column={data.group_column!r} but the shards of {data.train} keep "
-                          f"{'no group column' if not features.get('group') else repr(features['group'])}: "
-                          "name it as `group` in the preprocessing schema")
-    resolved = dataclasses.replace(
-        config,
-        data=dataclasses.replace(data, dense_features=list(features["dense"]),
-                                 sparse_features=list(features["sparse"])),
-        model=dataclasses.replace(config.model,
-                                  num_embeddings=[int(meta["table_sizes"][f]) for f in features["sparse"]]),
-    )  # fmt: skip
-    validate(resolved)
-    return resolved
-
-
-def split_batches(
-    split: ShardedSplit | ArrayData,
-    keys: list[str],
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    prefetch: int = 0,
-    **order: Any,
-) -> Iterator[Batch]:
-    """Batches of either kind of split with the same semantics (``order``: shuffle, seed, epoch, drop_last,
-    start_batch)."""
-    if isinstance(split, ShardedSplit):
-        return split.batches(batch_size, rank, world_size, prefetch, **order)
-    return iterate_batches(split, keys, batch_size, rank, world_size, **order)

@@ -3,6 +3,15 @@
 ``torch.multiprocessing.start_processes`` starts the processes but neither sets the rendezvous variables
 that ``init_distributed`` reads nor hands back return values, which tests compare across world sizes; this
 adds both. Production runs use torchrun/TorchX, which set the same variables.
+
+Why not ``torch.distributed.launcher.api.elastic_launch``, which also sets the variables and returns the
+results by rank: (1) it puts no limit on how long workers run (its timeouts cover the rendezvous only), so
+a rank left waiting in a collective after its peer died would hang the caller, where ``timeout_s`` here
+fails the test; (2) a failing rank's traceback reaches the caller only if the function is wrapped in
+torchelastic's ``@record`` and then as ``ChildFailedError``'s root-cause summary, while the message here
+holds every failing rank's traceback and the exit codes of ranks that died without a result (which
+tests/distributed/test_checkpoint.py matches); (3) it would run an elastic agent and a c10d rendezvous and
+set ``OMP_NUM_THREADS=1`` per call, where this gives each rank an equal share of the cores.
 """
 
 from __future__ import annotations

@@ -1,23 +1,326 @@
-"""``recsys plan``: where TorchRec's planner puts every table on a given cluster, without allocating it.
+"""Where TorchRec's planner puts DeepFM's tables: topology, constraints, the planner, and ``recsys plan``.
 
-The model is built on the meta device (no table memory) and planned for a topology given on the command
-line, so a 16-GPU plan can be checked on a laptop before launch. The report lists each table's sharding
-type, compute kernel, ranks and per-shard memory, and each rank's memory against its cap; a config that
-cannot fit raises ``PlanError`` naming the tables and the memory they need.
+* ``make_topology``: the cluster as the planner sees it, with the config's per-rank memory caps.
+* ``make_constraints``: ``sharding`` in the config as TorchRec ``ParameterConstraints`` per table.
+* ``Planner``: TorchRec's ``EmbeddingShardingPlanner`` with CPU-first placements, the plan broadcast from
+  rank 0, and ``PlanError`` messages that name the tables that cannot fit and the memory they need.
+* ``dry_run`` / ``format_report`` (``recsys plan``): the model is built on the meta device (no table
+  memory) and planned for a topology given on the command line, so a 16-GPU plan can be checked on a laptop
+  before launch; the report lists each table's sharding type, compute kernel, ranks and per-shard memory,
+  and each rank's memory against its cap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
-from torchrec.distributed.planner.types import ShardingOption, Storage
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.stats import NoopEmbeddingStats
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    PlannerError,
+    ShardingOption,
+    Storage,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recsys.config import Config
-from recsys.distributed.sharding import Planner, attach_sparse_optimizer, gb, make_topology
+from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, TableShardingConfig
+from recsys.distributed.env import DistEnv
+from recsys.distributed.optimizers import attach_sparse_optimizer
+from recsys.distributed.sharders import make_sharders
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.resolve import resolve_config
+
+# config.py lists the names a config may use (it loads without torch); they must be TorchRec's.
+_UNKNOWN = (set(SHARDING_TYPES) - {t.value for t in ShardingType}) | (set(COMPUTE_KERNELS) - {k.value for k in EmbeddingComputeKernel})
+if _UNKNOWN:
+    raise TypeError(f"config.SHARDING_TYPES / COMPUTE_KERNELS name {sorted(_UNKNOWN)}, which TorchRec does not have")
+
+GIB = 1024**3
+
+def make_topology(config: Config, world_size: int, local_world_size: int, device_type: str) -> Topology:
+    """The cluster as the planner sees it; memory caps from config (per rank) override the device's.
+
+    On CUDA ``device_memory_gb`` caps HBM and ``host_memory_gb`` the host memory a rank may use (UVM);
+    on CPU a rank's tables live in host memory, capped by ``device_memory_gb`` (or ``host_memory_gb``).
+    """
+    sharding = config.sharding
+    hbm = ddr = None
+    if device_type == "cuda":
+        hbm, ddr = sharding.device_memory_gb, sharding.host_memory_gb
+    else:
+        ddr = sharding.device_memory_gb or sharding.host_memory_gb
+    return TopologyFactory.create_topology(
+        TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=int(hbm * GIB) if hbm else None,
+            ddr_cap_bytes=int(ddr * GIB) if ddr else None,
+        ),
+        kernel_config=KernelConfig(compute_device=device_type),
+    )
+
+
+# Placements tried first on CPU for tables the config leaves open: row-wise splits are kept as the fallback
+# for tables that fit no single rank. TorchRec's cost model rates row-wise cheapest, but on CPU ranks its
+# bucketized input distribution and extra reduce-scatter cost more than they save, and on one rank they
+# buy nothing at all. Data-parallel (a dense all-reduce of the whole table every step) is left to configs
+# that ask for it.
+CPU_FIRST_CHOICE = [
+    ShardingType.TABLE_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+    ShardingType.TABLE_COLUMN_WISE.value,
+]
+
+
+def make_constraints(
+    config: Config, tables: list[EmbeddingBagConfig], open_tables_types: list[str] | None = None
+) -> dict[str, ParameterConstraints]:
+    """Per-table ``ParameterConstraints``: a table's own entry in ``sharding.tables`` (by table or feature
+    name), else the global ``sharding.sharding_types`` / ``compute_kernels``; tables with no sharding types
+    configured get ``open_tables_types`` when given."""
+    sharding = config.sharding
+    default = TableShardingConfig(sharding.sharding_types, sharding.compute_kernels)
+    constraints = {}
+    for table in tables:
+        entry = sharding.tables.get(table.name) or next(
+            (sharding.tables[f] for f in table.feature_names if f in sharding.tables), default
+        )
+        sharding_types = entry.sharding_types or open_tables_types
+        if entry == TableShardingConfig() and not sharding_types:
+            continue
+        constraints[table.name] = ParameterConstraints(
+            sharding_types=sharding_types or None,
+            compute_kernels=entry.compute_kernels or None,
+            min_partition=entry.min_partition or None,
+            cache_params=CacheParams(load_factor=entry.cache_load_factor) if entry.cache_load_factor else None,
+            # The planner's storage estimate needs one pooling factor per feature (one-hot Criteo: 1).
+            pooling_factors=[1.0] * len(table.feature_names),
+        )
+    return constraints
+
+
+def embedding_bag_configs(model: nn.Module) -> list[EmbeddingBagConfig]:
+    return [c for m in model.modules() if isinstance(m, EmbeddingBagCollection) for c in m.embedding_bag_configs()]
+
+
+class PlanError(RuntimeError):
+    """The tables cannot be placed on the given cluster; the message names the tables and memory needed."""
+
+
+# Share of every rank's memory the planner keeps free beyond its estimate of dense parameters, optimizer
+# state and input batches (TorchRec's default margin).
+RESERVED_FRACTION = 0.15
+
+
+@dataclass
+class Planner:
+    """TorchRec's ``EmbeddingShardingPlanner`` with the pieces recsys reports on: the reserved topology and
+    the chosen options, and a ``PlanError`` naming the tables that cannot fit instead of TorchRec's error.
+
+    Args:
+        config: a resolved config (its ``sharding`` section and ``data.batch_size``, global).
+        topology: ``make_topology(config, world_size, local_world_size, device_type)``.
+        model: the model to shard, its tables typically on the meta device.
+
+    ``plan(group)`` returns a ``ShardingPlan``: planned on rank 0 of ``group`` and broadcast, or locally when
+    ``group`` is None. After it, ``chosen`` holds one ``ShardingOption`` per table (its shards' ranks and
+    storage) and ``usable_per_rank()`` each rank's memory less the planner's reservation.
+
+    Example::
+
+        model = DeepFMTrain(build_deepfm(config, device="meta"))
+        attach_sparse_optimizer(model, config, torch.device("cuda"))
+        planner = Planner(config, make_topology(config, 16, 8, "cuda"), model)
+        plan = planner.plan()  # raises PlanError when the tables do not fit
+        [(o.name, o.sharding_type, [s.rank for s in o.shards]) for o in planner.chosen]
+    """
+
+    config: Config
+    topology: Topology
+    model: nn.Module
+    constraints: dict[str, ParameterConstraints] = field(init=False)
+    reservation: HeuristicalStorageReservation = field(init=False)
+    chosen: list[ShardingOption] = field(default_factory=list, init=False)
+
+    @property
+    def rank_batch(self) -> int:
+        """Training rows per rank and batch: TorchRec's planner sizes input buffers per rank."""
+        return self.config.data.per_rank(self.topology.world_size)[0]
+
+    def __post_init__(self) -> None:
+        self.constraints = make_constraints(self.config, embedding_bag_configs(self.model))
+        with warnings.catch_warnings():
+            # It warns that dry runs over-estimate dense tensors on meta; recsys keeps the dense part off
+            # meta (only tables are deferred), so its estimate of dense memory is right here.
+            warnings.simplefilter("ignore", FutureWarning)
+            self.reservation = HeuristicalStorageReservation(percentage=RESERVED_FRACTION)
+
+    def _enumerator(self) -> EmbeddingEnumerator:
+        return EmbeddingEnumerator(
+            topology=self.topology, batch_size=self.rank_batch, constraints=self.constraints
+        )
+
+    def _keep(self, options: list[ShardingOption]) -> list[ShardingOption]:
+        self.chosen = options
+        return options
+
+    def planner(self) -> EmbeddingShardingPlanner:
+        return EmbeddingShardingPlanner(
+            topology=self.topology,
+            batch_size=self.rank_batch,
+            enumerator=self._enumerator(),
+            storage_reservation=self.reservation,
+            stats=NoopEmbeddingStats(),
+            constraints=self.constraints,
+            callbacks=[self._keep],
+        )
+
+    def plan(self, group: dist.ProcessGroup | None = None) -> ShardingPlan:
+        """Plans locally (``group=None``, a dry run) or on rank 0 of ``group`` and broadcasts the plan, or
+        the reason there is none, so that every rank raises the same PlanError rather than hanging."""
+        if group is None:
+            result = self._plan_or_explain()
+        else:
+            result = invoke_on_rank_and_broadcast_result(group, 0, self._plan_or_explain)
+        if isinstance(result, str):
+            raise PlanError(result)
+        return result
+
+    def _plan_or_explain(self) -> ShardingPlan | str:
+        if self.topology.compute_device == "cpu":
+            full = self.constraints
+            self.constraints = make_constraints(self.config, embedding_bag_configs(self.model), CPU_FIRST_CHOICE)
+            try:
+                return self._plan()
+            except PlannerError:
+                self.constraints = full  # some table fits no rank whole: allow row-wise splits
+        try:
+            return self._plan()
+        except PlannerError:
+            return self.explain_failure()
+
+    def _plan(self) -> ShardingPlan:
+        with _quiet_planner_logs():
+            return self.planner().plan(self.model, make_sharders())
+
+    def usable_per_rank(self) -> list[Storage]:
+        """Each rank's capacity less the planner's reservation (dense model, batches, margin)."""
+        with _quiet_planner_logs():
+            reserved = self.reservation.reserve(
+                topology=self.topology,
+                batch_size=self.rank_batch,
+                module=self.model,
+                sharders=make_sharders(),
+                constraints=self.constraints,
+            )
+        return [device.storage for device in reserved.devices]
+
+    def explain_failure(self) -> str:
+        """Names the tables no single rank can hold even when split, or else the tier that is short overall.
+
+        On CUDA both tiers count: UVM kernels trade device memory (HBM) for host memory (DDR).
+        """
+        tiers = ("hbm", "ddr") if self.topology.compute_device == "cuda" else ("ddr",)
+        usable = self.usable_per_rank()
+        per_rank = {t: max(getattr(s, t) for s in usable) for t in tiers}
+        total = {t: sum(getattr(s, t) for s in usable) for t in tiers}
+
+        def largest_shard(option: ShardingOption, tier: str) -> int:
+            return max(getattr(shard.storage, tier) for shard in option.shards)
+
+        def load(option: ShardingOption) -> float:  # > 1: some shard exceeds one rank in some tier
+            return max(largest_shard(option, t) / max(per_rank[t], 1) for t in tiers)
+
+        best: dict[str, ShardingOption] = {}
+        smallest_total = {t: dict[str, int]() for t in tiers}
+        for option in self._enumerator().enumerate(self.model, make_sharders()):
+            if option.name not in best or load(option) < load(best[option.name]):
+                best[option.name] = option
+            for t in tiers:
+                summed = sum(getattr(shard.storage, t) for shard in option.shards)
+                smallest_total[t][option.name] = min(summed, smallest_total[t].get(option.name, summed))
+        where = f"{self.topology.world_size} rank(s) with " + " and ".join(
+            f"{gb(per_rank[t])} usable {t.upper()}" for t in tiers
+        ) + " each"
+        too_big = sorted((o for o in best.values() if load(o) > 1), key=load, reverse=True)
+        if too_big:
+            lines = [
+                f"  {o.name} ({o.tensor.shape[0]:,} x {o.tensor.shape[1]}): needs "
+                + " + ".join(f"{gb(largest_shard(o, t))} {t.upper()}" for t in tiers)
+                + f" on one rank even as {o.sharding_type}/{o.compute_kernel} in {len(o.shards)} shard(s)"
+                for o in too_big
+            ]
+            return "\n".join([f"these tables cannot fit on {where}:", *lines, _hint(self.topology)])
+        short = [t for t in tiers if sum(smallest_total[t].values()) > total[t]]
+        if not short:
+            return f"the planner found no placement of the tables on {where}\n{_hint(self.topology)}"
+        lines = []
+        for t in short:
+            biggest = sorted(smallest_total[t].items(), key=lambda kv: -kv[1])[:5]
+            lines.append(
+                f"the tables need at least {gb(sum(smallest_total[t].values()))} of {t.upper()} in total but "
+                f"{where} give {gb(total[t])}; largest: " + ", ".join(f"{n} {gb(v)}" for n, v in biggest)
+            )
+        return "\n".join([*lines, _hint(self.topology)])
+
+
+# Planner log lines that do not apply to recsys: data-parallel tables have no sharding spec by design, and
+# the dry-run caveat concerns dense parameters on meta, which recsys never has.
+_QUIET = {
+    "": "Sharding spec not found",
+    "torchrec.distributed.planner.storage_reservations": "There is a known issue with TorchRec's dense tensor",
+}
+
+
+@contextlib.contextmanager
+def _quiet_planner_logs() -> Iterator[None]:
+    filters = [(logging.getLogger(name), _prefix_filter(prefix)) for name, prefix in _QUIET.items()]
+    for logger, keep in filters:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger, keep in filters:
+            logger.removeFilter(keep)
+
+
+def _prefix_filter(prefix: str) -> Callable[[logging.LogRecord], bool]:
+    return lambda record: not str(record.msg).startswith(prefix)
+
+
+def _hint(topology: Topology) -> str:
+    cap = "sharding.device_memory_gb" + (" / sharding.host_memory_gb with fused_uvm_caching" if topology.compute_device == "cuda" else "")
+    return f"raise {cap}, add ranks, or shrink model.num_embeddings / model.embedding_dim"
+
+
+def gb(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3f} GiB" if nbytes < GIB else f"{nbytes / GIB:.1f} GiB"
+
+
+def plan_sharding(model: nn.Module, config: Config, env: DistEnv) -> ShardingPlan:
+    """Plans on rank 0 and broadcasts, so every rank shards identically; raises PlanError when it cannot fit."""
+    topology = make_topology(config, env.world_size, env.local_world_size, env.device.type)
+    return Planner(config, topology, model).plan(dist.GroupMember.WORLD)
 
 
 @dataclass
@@ -33,6 +336,10 @@ class TablePlacement:
 
 @dataclass
 class PlanReport:
+    """What ``dry_run`` found: one ``TablePlacement`` per table and, per rank, bytes used, usable and capped
+    (in the rank's main tier: HBM on CUDA, DDR on CPU). ``format_report`` prints it; ``as_dict`` is the JSON
+    of ``recsys plan --json``."""
+
     world_size: int
     local_world_size: int
     compute_device: str
@@ -41,7 +348,7 @@ class PlanReport:
     used_bytes: list[int]  # per rank: table shards with optimizer state and buffers
     host_bytes: list[int]  # per rank, CUDA only: host memory of UVM (caching) tables
     tables: list[TablePlacement]
-    batch_size: int
+    batch_size: int  # per rank
     seconds: float
 
     @property
@@ -67,9 +374,13 @@ def dry_run(
 
     ``device_memory_gb`` (per rank) overrides ``sharding.device_memory_gb``. Raises PlanError when the
     tables do not fit.
-    """
-    from recsys.train import table_sizes  # train imports the data stack; only needed here
 
+    Example::
+
+        report = dry_run(load_config("configs/criteo_terabyte.yaml"), world_size=16, local_world_size=8)
+        print(format_report(report))
+    """
+    config = resolve_config(config)
     if world_size % local_world_size:
         raise ValueError(f"--world-size {world_size} is not a multiple of --local-world-size {local_world_size}")
     if device_memory_gb is not None:
@@ -77,7 +388,7 @@ def dry_run(
             config, sharding=dataclasses.replace(config.sharding, device_memory_gb=device_memory_gb)
         )
     start = time.perf_counter()
-    model = DeepFMTrain(build_deepfm(config, table_sizes(config), device="meta"))
+    model = DeepFMTrain(build_deepfm(config, device="meta"))
     attach_sparse_optimizer(model, config, torch.device(compute_device))
     topology = make_topology(config, world_size, local_world_size, compute_device)
     planner = Planner(config, topology, model)
@@ -99,7 +410,7 @@ def dry_run(
         used_bytes=used,
         host_bytes=host,
         tables=tables,
-        batch_size=config.data.batch_size,
+        batch_size=planner.rank_batch,
         seconds=seconds,
     )
 

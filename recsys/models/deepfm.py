@@ -35,7 +35,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recsys.config import Config
+from recsys.config import Config, ConfigError, registry
 from recsys.losses import CTRLoss
 
 # FBGEMM's fused embedding kernels need table (and shard) widths divisible by 4.
@@ -138,6 +138,19 @@ class SparseArch(nn.Module):
 
     Returns:
         Tensor [B, F_sparse, W], W = table width: per field ``[v (D) | w (1) | padding]``.
+
+    Example::
+
+        tables = table_configs(["C1", "C2"], [10, 20], embedding_dim=8)  # width 12
+        sparse_arch = SparseArch(EmbeddingBagCollection(tables=tables), ["C1", "C2"])
+
+        #     0       1        2  <-- batch
+        # C1  [1]    [2]      [3]
+        # C2  [4, 5] None     [6]
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["C1", "C2"], values=torch.tensor([1, 2, 3, 4, 5, 6]), lengths=torch.tensor([1, 1, 1, 2, 0, 1])
+        )
+        rows = sparse_arch(features)  # [3, 2, 12]
     """
 
     def __init__(
@@ -163,8 +176,18 @@ class DenseArch(nn.Module):
     Call args:
         dense: [B, F_dense] transformed numeric features.
 
+    Args:
+        num_dense: F_dense, the number of dense features.
+        embedding_dim: D.
+        init_std: standard deviation of the field vectors' normal init (first-order weights start at 0).
+
     Returns:
         (field_sum [B, D] = sum_j x_j u_j, squared_norms [B] = sum_j |x_j u_j|^2, first_order [B] = x @ c)
+
+    Example::
+
+        dense_arch = DenseArch(num_dense=13, embedding_dim=16, init_std=0.01)
+        field_sum, squared_norms, first_order = dense_arch(torch.rand(4, 13))  # [4, 16], [4], [4]
     """
 
     def __init__(self, num_dense: int, embedding_dim: int, init_std: float) -> None:
@@ -189,13 +212,20 @@ class FactorizationMachine(nn.Module):
 
     Returns:
         [B]
+
+    Example::
+
+        fields = torch.rand(4, 39, 16)  # [B, F, D]
+        fm = FactorizationMachine()(fields.sum(dim=1), (fields * fields).sum(dim=(1, 2)))  # [4]
     """
 
     def forward(self, field_sum: torch.Tensor, squared_norms: torch.Tensor) -> torch.Tensor:
         return 0.5 * ((field_sum * field_sum).sum(dim=1) - squared_norms)
 
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, type[nn.Module]] = registry(
+    "model.activation", {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+)
 
 _RANDOM_WORD = (-(2**63), 2**63 - 1)
 
@@ -240,12 +270,24 @@ class DeepArch(nn.Module):
     Same function and initialisation as the unsplit layer. torchrec.modules.mlp.MLP has no dropout or
     batch-norm, which DeepFM configs (BARS) use, hence the rest of the MLP too.
 
+    Args:
+        num_sparse, num_dense: F_sparse, F_dense; embedding_dim: D.
+        layers: hidden widths, e.g. [256, 128]; a last [H, 1] layer gives the logit.
+        activation: a name of ``ACTIVATIONS``; dropout: drop probability (0: none); batch_norm: before each
+            activation; bfloat16: the matrix products in bfloat16 (``model.mlp_precision``).
+
     Call args:
         sparse_rows: [B, F_sparse, W] pooled rows (first D columns are field vectors);
         dense: [B, F_dense]; dense_vectors: [F_dense, D].
 
     Returns:
         [B]
+
+    Example::
+
+        deep_arch = DeepArch(num_sparse=26, num_dense=13, embedding_dim=16, layers=[256, 128],
+                             activation="relu", dropout=0.0, batch_norm=False)
+        logits = deep_arch(torch.rand(4, 26, 20), torch.rand(4, 13), torch.rand(13, 16))  # [4]
     """
 
     def __init__(
@@ -293,7 +335,15 @@ class DeepArch(nn.Module):
 
 
 class DeepFM(nn.Module):
-    """DeepFM over dense features and a KJT of sparse features.
+    """DeepFM over dense features and a KJT of sparse features: ``bias + first_order + FM + deep``.
+
+    Args:
+        embedding_bag_collection: the tables, of width ``table_width(embedding_dim)`` (``table_configs``).
+        sparse_feature_names: the KJT's keys in field order (F_sparse of them).
+        num_dense: F_dense; embedding_dim: D.
+        deep_layers, activation, dropout, batch_norm, mlp_bfloat16: the MLP (``DeepArch``).
+        init_std: normal init of the dense field vectors.
+        table_backward_threads: intra-op threads for FBGEMM's CPU table backward (0: unchanged).
 
     Call args:
         dense: [B, F_dense] float
@@ -301,6 +351,18 @@ class DeepFM(nn.Module):
 
     Returns:
         logits [B]
+
+    Example::
+
+        tables = table_configs(["C1", "C2"], [10, 20], embedding_dim=8)
+        model = DeepFM(EmbeddingBagCollection(tables=tables), ["C1", "C2"], num_dense=3, embedding_dim=8,
+                       deep_layers=[16])
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["C1", "C2"], values=torch.tensor([1, 2, 3, 4]), lengths=torch.tensor([1, 1, 1, 1])
+        )
+        logits = model(torch.rand(2, 3), features)  # [2]
+
+    ``build_deepfm(config)`` builds it from a resolved config.
     """
 
     def __init__(
@@ -351,6 +413,12 @@ class DeepFMTrain(nn.Module):
 
     Returns:
         (loss, (loss, logits [B], labels [B])), all but the first detached.
+
+    Example::
+
+        train_model = DeepFMTrain(build_deepfm(config), CTRLoss())
+        loss, (_, logits, labels) = train_model(batch)  # scalar, [B], [B]
+        loss.backward()
     """
 
     def __init__(self, model: DeepFM, loss_fn: nn.Module | None = None) -> None:
@@ -396,12 +464,24 @@ def table_configs(
     ]
 
 
-def build_deepfm(config: Config, num_embeddings_per_feature: list[int], device: torch.device | str = "cpu") -> DeepFM:
-    """Builds DeepFM from a config. ``device="meta"`` defers table allocation to DistributedModelParallel."""
+def build_deepfm(config: Config, device: torch.device | str = "cpu") -> DeepFM:
+    """Builds DeepFM from a resolved config (``recsys.resolve.resolve_config``): features from ``data``,
+    one table size per sparse feature from ``model.num_embeddings``. ``device="meta"`` defers table
+    allocation to DistributedModelParallel.
+
+    Example::
+
+        config = resolve_config(load_config("configs/synthetic.yaml"))
+        model = build_deepfm(config)
+        logits = model(batch.dense_features, batch.sparse_features)  # [B]
+    """
     m, data = config.model, config.data
+    if not isinstance(m.num_embeddings, list) or len(m.num_embeddings) != len(data.sparse_features):
+        raise ConfigError("build_deepfm needs a resolved config (recsys.resolve.resolve_config): one "
+                          f"model.num_embeddings per sparse feature, got {m.num_embeddings!r}")
     tables = table_configs(
         data.sparse_features,
-        num_embeddings_per_feature,
+        m.num_embeddings,
         m.embedding_dim,
         m.pooling,
         m.shared_tables,

@@ -24,18 +24,18 @@ import polars as pl
 import torch
 from tqdm import tqdm
 
-from recsys.data.preprocess import (
-    BadInput,
-    PhaseStats,
-    Pool,
-    Settings,
-    bad_input_error,
-    iter_chunks,
-    make_sources,
-    plan_workers,
-)
+from recsys.data.preprocess.base import Settings
+from recsys.data.preprocess.parse import BadInput
+from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
+from recsys.data.preprocess.pool import Pool, plan_workers
+from recsys.data.preprocess.sources import iter_chunks, make_sources
 from recsys.serving.scorer import Scorer
-from recsys.serving.transform import FileJob, ServingInputError, input_preprocessing, transform_task
+from recsys.serving.transform import (
+    FileJob,
+    ServingInputError,
+    input_preprocessing,
+    transform_task,
+)
 
 FORMATS = (".csv", ".parquet")
 
@@ -130,7 +130,7 @@ def predict(
     stats, oov, rows = PhaseStats(), np.zeros(len(schema.sparse), dtype=np.int64), 0
     bar = tqdm(desc="predict", unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
-        for result in pool.imap(transform_task, FileJob(prep, sources, strict), iter_chunks(sources, chunk_bytes)):
+        for result in pool.imap(transform_task, FileJob(prep, sources, strict), iter_chunks(sources, chunk_bytes, quote=schema.quote)):
             scores = scorer.score_rows(result)
             frame = {schema.id_column: result.ids} if schema.id_column else {}
             frame.update({"label": result.columns.labels} if schema.label else {})

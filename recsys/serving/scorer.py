@@ -12,11 +12,20 @@ import numpy as np
 import polars as pl
 import torch
 
-from recsys.data.criteo import jagged_ids
-from recsys.data.preprocess import BadInput, Chunk, PhaseStats, bad_input_error
+from recsys.data.batching import jagged_ids
+from recsys.data.preprocess.parse import BadInput
+from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
+from recsys.data.preprocess.sources import Chunk
 from recsys.data.schema import schema_from_dict
 from recsys.export import MANIFEST
-from recsys.serving.transform import Preprocessing, Rows, ServingInputError, frame_rows, text_rows, transform
+from recsys.serving.transform import (
+    Preprocessing,
+    Rows,
+    ServingInputError,
+    frame_rows,
+    text_rows,
+    transform,
+)
 
 
 class Scorer:
@@ -25,6 +34,17 @@ class Scorer:
     ``score(rows)`` runs training's parse and transforms on raw rows and returns click probabilities;
     ``last`` describes the last call (rows, bad rows by kind with examples, ids on the OOV row per
     feature); ``invalid_ids()`` counts ids the model put on the OOV row because they were out of range.
+
+    Args:
+        export_dir: a folder written by ``recsys export``.
+        batch_size: rows per model call.
+
+    Example::
+
+        scorer = recsys.serving.load("runs/synthetic/export")
+        p = scorer.score(Path("data/synthetic/test.tsv").read_text())  # raw lines -> [N] float32
+        p = scorer.score(frame)                  # or a polars/pandas DataFrame with the schema's columns
+        scorer.last["bad_rows"], scorer.last["oov"]  # rows the last call rejected, ids on the OOV row
     """
 
     def __init__(self, export_dir: str | Path, batch_size: int = 16384) -> None:

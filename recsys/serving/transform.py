@@ -15,22 +15,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 import polars as pl
 
-from recsys.data.preprocess import (
-    OOV_ID,
-    Chunk,
-    ChunkResult,
-    Columns,
-    PreprocessError,
-    Source,
-    _chunk_result,
-    _is_gzip,
-    _open_text_stream,
-    _read_chunk,
-    encode,
-    map_columns,
-    parse_chunk,
-)
 from recsys.config import UserError
+from recsys.data.layout import Columns
+from recsys.data.preprocess.base import OOV_ID, PreprocessError
+from recsys.data.preprocess.encode import encode
+from recsys.data.preprocess.parse import ChunkResult, chunk_result, parse_chunk
+from recsys.data.preprocess.sources import (
+    Chunk,
+    Source,
+    is_gzip,
+    open_text_stream,
+    read_chunk,
+)
 from recsys.data.schema import Schema
 
 # Separator used to hand a DataFrame to the parser: the ASCII unit separator, never part of a log token.
@@ -88,7 +84,7 @@ def input_preprocessing(paths: list[str], prep: Preprocessing) -> Preprocessing:
     for path in paths:
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: no such input file")
-        with _open_text_stream(Source(path, None, gzip=_is_gzip(path))) as fh:
+        with open_text_stream(Source(path, None, gzip=is_gzip(path))) as fh:
             try:
                 labelled.add(has_label(fh.readline(), prep.schema))
             except (EOFError, OSError) as e:
@@ -120,9 +116,9 @@ def transform(data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, st
     started = time.perf_counter()
     schema = prep.schema
     parsed = parse_chunk(data, source, schema, chunk, strict)
-    columns = map_columns(encode(parsed, schema), schema, prep.vocab_dir)
+    columns, _ = encode(parsed, schema, "rows", prep.vocab_dir)
     ids = _row_ids(data, parsed.line, source, schema) if schema.id_column else None
-    result = _chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
+    result = chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
     return Rows(columns, parsed.line, ids, result, oov_counts(columns, schema))
 
 
@@ -137,7 +133,7 @@ class FileJob:
 
 def transform_task(job: FileJob, chunk: Chunk) -> Rows:
     source = job.sources[chunk.source]
-    return transform(_read_chunk(chunk, source), source, chunk, job.prep, job.strict)
+    return transform(read_chunk(chunk, source), source, chunk, job.prep, job.strict)
 
 
 def text_rows(rows: str | bytes | list, prep: Preprocessing) -> tuple[bytes, Source, Preprocessing]:
@@ -187,5 +183,5 @@ def frame_rows(frame: pl.DataFrame, prep: Preprocessing) -> tuple[bytes, Source,
         if text[name].str.contains(f"[{FRAME_DELIMITER}\n]").any():
             raise ServingInputError(f"column {name!r} holds a value with a newline or \\x1f")
     data = text.write_csv(separator=FRAME_DELIMITER, include_header=False, quote_style="never", null_value="").encode()
-    prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, header=False, columns=needed))
+    prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, quote="", header=False, columns=needed))
     return data, Source("<frame>", None, columns=needed), prep

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.data.criteo import GroupedBatch, jagged_ids, make_batch, num_batches, rank_bounds
+from recsys.data.batching import GroupedBatch, jagged_ids, make_batch, num_batches, rank_bounds
 
 KEYS = ["a", "b", "c"]
 

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from recsys.config import ConfigError, config_from_dict
-from recsys.data.criteo import ArrayData, GroupedBatch, iterate_batches, load_criteo_tsv
+from recsys.data.batching import GroupedBatch
 from recsys.data.preprocess import Settings, run
 from recsys.data.sampling import downsample_negatives, keep_mask, logit_correction
-from recsys.data.schema import schema_from_dict
-from recsys.data.shards import ShardedSplit, dataset_config, split_batches
+from recsys.data.schema import load_schema, schema_from_dict
+from recsys.data.shards import ShardedSplit
+from recsys.resolve import resolve_config
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
 from tests.helpers import write_lines
 
@@ -44,7 +45,7 @@ def test_group_column_travels_as_raw_ids(grouped_out):
     meta = json.loads((grouped_out / "metadata.json").read_text())
     assert meta["features"]["group"] == "user" and meta["errors"]["sparse"] == 2  # the bad line, once per split
     split = ShardedSplit(grouped_out / "train")
-    batches = list(split_batches(split, split.sparse_features, 100, shuffle=True, seed=1, with_groups=True))
+    batches = list(split.batches(100, shuffle=True, seed=1, with_groups=True))
     assert all(isinstance(b, GroupedBatch) for b in batches)
     rows = np.concatenate([b.dense_features[:, 0].long().numpy() for b in batches])
     groups = np.concatenate([b.groups.numpy() for b in batches])
@@ -53,14 +54,14 @@ def test_group_column_travels_as_raw_ids(grouped_out):
     # as a feature the user is a vocabulary row, as a group its raw id
     users = batches[0].sparse_features["user"].values()
     assert int(users.max()) < split.table_sizes[0] < user_of(1)
-    assert not isinstance(next(split_batches(split, split.sparse_features, 100)), GroupedBatch)
+    assert not isinstance(next(split.batches(100)), GroupedBatch)
 
 
 def test_group_column_must_match_the_shards(grouped_out):
     paths = {"train": str(grouped_out / "train"), "val": str(grouped_out / "val"), "test": ""}
-    assert dataset_config(config_from_dict({"data": {**paths, "group_column": "user"}})).data.group_column == "user"
+    assert resolve_config(config_from_dict({"data": {**paths, "group_column": "user"}})).data.group_column == "user"
     with pytest.raises(ConfigError, match=r"data.group_column='shop' but the shards .* keep 'user'"):
-        dataset_config(config_from_dict({"data": {**paths, "group_column": "shop"}}))
+        resolve_config(config_from_dict({"data": {**paths, "group_column": "shop"}}))
 
 
 def test_generator_user_column_keeps_the_other_columns(tmp_path):
@@ -75,11 +76,13 @@ def test_generator_user_column_keeps_the_other_columns(tmp_path):
     assert [line.rsplit("\t", 1)[0] for line in lines] == same_labels  # the 40 Criteo columns as before
     oracle = generate_splits(tmp_path, 4000, SyntheticSpec(num_users=40), splits={"train": 0.5, "test": 0.5})
     assert 0.5 < oracle["test"]["gauc"] < oracle["test"]["auc"]  # user biases help AUC, not GAUC
-    data = load_criteo_tsv(tmp_path / "test.tsv", [f"I{i}" for i in range(1, 14)], [f"C{i}" for i in range(1, 27)],
-                           [100] * 26, group_column="user")
-    assert data.groups is not None and len(data.groups) == 2000 and set(data.groups) <= set(range(40))
-    batch = next(iterate_batches(data, [f"C{i}" for i in range(1, 27)], 64, with_groups=True))
-    assert batch.groups.tolist() == data.groups[:64].tolist()
+    # the synthetic_users schema keeps the user column as the group
+    run(Settings(out=str(tmp_path / "out"), inputs=[f"train={tmp_path / 'test.tsv'}"], split="files",
+                 progress=False, workers=1), load_schema("synthetic_users"))
+    split = ShardedSplit(tmp_path / "out" / "train")
+    groups = np.concatenate([b.groups.numpy() for b in split.batches(512, with_groups=True)])
+    users = [int(line.rsplit("\t", 1)[1]) for line in (tmp_path / "test.tsv").read_text().splitlines()]
+    assert len(groups) == 2000 and groups.tolist() == users and set(users) <= set(range(40))
 
 
 def test_keep_mask_keeps_positives_and_a_seeded_share_of_negatives():
@@ -103,10 +106,3 @@ def test_downsampled_shards_draw_the_kept_rows_on_any_number_of_ranks(grouped_ou
     again = downsample_negatives(ShardedSplit(grouped_out / "train"), 0.25, seed=5)
     assert sorted(int(r) for b in again.batches(64) for r in b.dense_features[:, 0]) == one
 
-
-def test_downsampled_arrays_keep_rows_and_groups():
-    data = ArrayData(np.arange(1000) % 2, np.arange(1000, dtype=np.float32)[:, None],
-                     np.zeros((1000, 1), dtype=np.int64), np.arange(1000) * 10)
-    sampled = downsample_negatives(data, 0.5, seed=0)
-    assert (sampled.labels[sampled.dense[:, 0] % 2 == 1] == 1).all() and 700 < len(sampled) < 800
-    np.testing.assert_array_equal(sampled.groups, sampled.dense[:, 0].astype(np.int64) * 10)

@@ -17,7 +17,7 @@ from tests.helpers import REPO
 # Makes a 2-worker pool, keeps both workers busy, prints their pids and waits to be killed.
 OWNER = """
 import concurrent.futures as cf, os, time
-from recsys.data.preprocess import Pool
+from recsys.data.preprocess.pool import Pool
 pool = Pool(2)
 futures = [pool.executor.submit(time.sleep, 120) for _ in range(2)]
 while len(pool.executor._processes) < 2:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import os
 import signal
@@ -16,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.data.criteo import load_criteo_tsv
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import Schema, load_schema, schema_from_dict
 from tests.helpers import REPO, criteo_lines, read_split, shared_file, write_lines
@@ -79,17 +77,6 @@ def test_generated_rows_match_reference(tmp_path, mode):
         counts = [Counter(row[j] for row in fields if row[j]) for j in range(26)]
         expected = [2 + sum(c >= 3 for c in counts[j].values()) for j in range(26)]
         assert [meta["table_sizes"][f] for f in schema.sparse] == expected
-
-
-def test_hash_mode_equals_in_memory_loader(tmp_path):
-    path = write_lines(tmp_path / "day.tsv", criteo_lines())
-    schema = load_schema("criteo", {"sparse_mode": "hash", "hash_buckets": 1000})
-    preprocess(tmp_path / "out", [f"train={path}"], schema, split="files", workers=1)
-    data = load_criteo_tsv(path, schema.dense, schema.sparse, [1000] * 26)
-    got = read_split(tmp_path / "out", "train")
-    np.testing.assert_array_equal(got["sparse"], data.sparse)
-    np.testing.assert_allclose(got["dense"], data.dense, rtol=1e-6)
-    np.testing.assert_array_equal(got["labels"], data.labels)
 
 
 def test_real_criteo_rows_match_reference(tmp_path):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from recsys.config import Config, ConfigError, config_from_dict
-from recsys.data.criteo import ArrayData, iterate_batches
+from recsys.config import ConfigError, config_from_dict
+from recsys.data.batching import rank_bounds
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema, schema_from_dict
-from recsys.data.shards import ShardError, ShardedSplit, dataset_config, split_batches
+from recsys.data.shards import ShardError, ShardedSplit
+from recsys.resolve import resolve_config
 from tests.helpers import criteo_lines, write_lines
 
 ROWS = 1003  # not a multiple of any batch size below: the remainder must be handled
@@ -56,14 +56,15 @@ def test_ranks_partition_every_row_exactly_once(id_dataset, world_size, drop_las
     assert len(seen) == expected and len(set(seen)) == expected and set(seen) <= set(range(ROWS))
 
 
-def test_order_and_sharding_follow_the_in_memory_route(id_dataset):
-    # Unshuffled, the shard loader and the TSV loader cut the same global batches for every rank.
-    data = ArrayData(np.arange(ROWS) % 2, np.arange(ROWS, dtype=np.float32)[:, None],
-                     np.zeros((ROWS, 2), dtype=np.int64))
+def test_unshuffled_batches_are_file_order_cut_by_rank(id_dataset):
+    # Global batch s is rows [s*B*W, (s+1)*B*W) in file order; rank r takes its rank_bounds slice.
     for rank in range(3):
-        memory = [row_ids(b) for b in iterate_batches(data, ["a", "b"], 40, rank, 3)]
-        shards = [row_ids(b) for b in id_dataset.batches(40, rank, 3)]
-        assert memory == shards
+        got = [row_ids(b) for b in id_dataset.batches(40, rank, 3)]
+        expected = []
+        for start in range(0, ROWS, 120):
+            lo, hi = rank_bounds(min(120, ROWS - start), rank, 3)
+            expected.append(list(range(start + lo, start + hi)))
+        assert got == expected
 
 
 def test_start_batch_resumes_mid_epoch(id_dataset):
@@ -121,30 +122,35 @@ def criteo_out(tmp_path_factory):
     return root
 
 
-def test_dataset_config_takes_features_and_sizes_from_metadata(criteo_out):
+def test_resolve_config_takes_features_and_sizes_from_metadata(criteo_out):
     out = criteo_out / "out"
-    config = config_from_dict({
-        "data": {"train": str(out / "train"), "val": str(out / "val"), "test": str(out / "test"),
-                 "sparse_features": ["x"], "dense_features": []},
-        "model": {"num_embeddings": 5},
-    })  # fmt: skip
-    resolved = dataset_config(config)
+    paths = {"train": str(out / "train"), "val": str(out / "val"), "test": str(out / "test")}
+    resolved = resolve_config(config_from_dict({"data": paths}))
     split = ShardedSplit(out / "train")
     assert resolved.data.sparse_features == split.sparse_features == [f"C{i}" for i in range(1, 27)]
     assert resolved.model.num_embeddings == split.table_sizes
-    batch = next(split_batches(split, resolved.data.sparse_features, 16, shuffle=True, seed=0, epoch=0))
+    batch = next(split.batches(16, shuffle=True, seed=0, epoch=0))
     assert batch.dense_features.shape == (16, 13)
     assert int(batch.sparse_features.values().max()) < max(split.table_sizes)
-    assert dataset_config(Config()) == Config()  # TSV paths: unchanged
+    assert resolve_config(resolved) == resolved
+    # Given sizes or features that disagree with the shards are an error, not silently replaced.
+    with pytest.raises(ConfigError, match=r"model.num_embeddings disagrees with the shards .*C1 5 vs"):
+        resolve_config(config_from_dict({"data": paths, "model": {"num_embeddings": 5}}))
+    with pytest.raises(ConfigError, match=r"data.sparse_features=\['x'\] but the shards"):
+        resolve_config(config_from_dict({"data": {**paths, "sparse_features": ["x"]}}))
+    # No data (recsys plan before it exists): the schema's columns, model.num_embeddings rows (100,000 when unset).
+    absent = resolve_config(config_from_dict({"data": {k: str(criteo_out / "absent" / k) for k in paths}}))
+    assert absent.data.sparse_features == [f"C{i}" for i in range(1, 27)]
+    assert absent.model.num_embeddings == [100_000] * 26
 
 
-def test_dataset_config_rejects_mixed_or_foreign_splits(criteo_out, tmp_path):
+def test_resolve_config_rejects_mixed_or_foreign_splits(criteo_out, tmp_path):
     out = criteo_out / "out"
-    mixed = config_from_dict({"data": {"train": str(out / "train"), "val": "val.tsv", "test": ""}})
-    with pytest.raises(ConfigError, match="are not"):
-        dataset_config(mixed)
+    mixed = config_from_dict({"data": {"train": str(out / "train"), "val": str(criteo_out / "day.tsv"), "test": ""}})
+    with pytest.raises(ConfigError, match="are raw files"):
+        resolve_config(mixed)
     (tmp_path / "loose").mkdir()
     with pytest.raises(ConfigError, match="not a preprocessed split"):
-        dataset_config(config_from_dict({"data": {"train": str(tmp_path / "loose")}}))
+        resolve_config(config_from_dict({"data": {"train": str(tmp_path / "loose")}}))
     with pytest.raises(ShardError, match="metadata.json is missing"):
         ShardedSplit(tmp_path / "loose")

@@ -40,7 +40,7 @@ def runs(tiny_criteo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         extra = {"sharding": {"sharding_types": types}} if types else {}
         if types == ["column_wise"]:  # 4-column shards: the planner would keep all 16 columns in one
             extra["sharding"]["tables"] = {f"C{i}": {"sharding_types": types, "min_partition": 4} for i in range(1, 27)}
-        return tiny_config(tiny_criteo, root / name, GLOBAL_BATCH // world_size, steps, **extra)
+        return tiny_config(tiny_criteo, root / name, GLOBAL_BATCH, steps, **extra)  # data.batch_size is global
 
     launch(2, {
         **{f"w2_{t}": config(f"w2_{t}", 2, types=[t]) for t in SHARDING_TYPES},

@@ -9,18 +9,18 @@ import pytest
 from recsys.cli import main
 from recsys.config import ConfigError, config_from_dict, load_config
 from recsys.distributed.local import run_local
-from recsys.distributed.planning import dry_run, format_report
-from recsys.distributed.sharding import PlanError
+from recsys.distributed.planning import PlanError, dry_run, format_report
+from recsys.resolve import resolve_config
 from tests.distributed.workers import train_each
 from tests.helpers import REPO, tiny_config
 
-BIG_ROWS = 400_000  # t_C1: 400k x 16 floats + Adagrad state = 51 MB; every other table 40 rows
+# t_C1: BIG_ROWS x 16 floats + Adagrad state = 51 MB; every other table 40 rows (the shards of
+# tiny_criteo_big_c1)
 
 
 def capped(data: Path, run_dir: Path, cap_gb: float) -> dict:
     return tiny_config(
         data, run_dir, 24, 3,
-        model={"num_embeddings": [BIG_ROWS] + [40] * 25},
         sharding={"device_memory_gb": cap_gb, "sharding_types": ["table_wise", "row_wise", "column_wise"]},
     )  # fmt: skip
 
@@ -50,23 +50,24 @@ def test_terabyte_does_not_fit_two_small_gpus(capsys: pytest.CaptureFixture) -> 
     assert "does not fit" in err and "t_C1 (40,000,000 x 132): needs" in err and "DDR on one rank" in err
 
 
-def test_cap_below_one_table_splits_it(tiny_criteo: Path, tmp_path: Path) -> None:
-    config = config_from_dict(capped(tiny_criteo, tmp_path, 0.04))
+def test_cap_below_one_table_splits_it(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
+    config = config_from_dict(capped(tiny_criteo_big_c1, tmp_path, 0.04))
     report = dry_run(config, world_size=2, local_world_size=2, compute_device="cpu")
     big = table(report, "t_C1")
     assert big.rows * big.width * 4 * 2 > report.cap_bytes > max(big.shard_bytes)
     assert big.sharding_type in ("row_wise", "column_wise") and sorted(big.ranks) == [0, 1]
 
 
-def test_cap_too_small_for_the_model_names_the_table(tiny_criteo: Path, tmp_path: Path) -> None:
-    config = config_from_dict(capped(tiny_criteo, tmp_path, 0.01))
+def test_cap_too_small_for_the_model_names_the_table(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
+    config = config_from_dict(capped(tiny_criteo_big_c1, tmp_path, 0.01))
     with pytest.raises(PlanError, match=r"t_C1 \(400,000 x 16\): needs [0-9.]+ GiB DDR on one rank"):
         dry_run(config, world_size=2, local_world_size=2, compute_device="cpu")
 
 
 @pytest.mark.slow  # spawned ranks
-def test_memory_capped_training_on_two_processes(tiny_criteo: Path, tmp_path: Path) -> None:
-    fits, too_small = capped(tiny_criteo, tmp_path / "fits", 0.04), capped(tiny_criteo, tmp_path / "small", 0.01)
+def test_memory_capped_training_on_two_processes(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
+    fits = capped(tiny_criteo_big_c1, tmp_path / "fits", 0.04)
+    too_small = capped(tiny_criteo_big_c1, tmp_path / "small", 0.01)
     ok, failed = run_local(train_each, 2, [fits, too_small])[0]
     assert "error" not in ok and ok["val"]["rows"] == 150
     assert failed["error"].startswith("PlanError") and "t_C1" in failed["error"]
@@ -95,11 +96,11 @@ def test_per_table_constraints_reach_the_planner(tiny_criteo: Path, tmp_path: Pa
 )
 def test_bad_table_constraints_fail_clearly(tables: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        config_from_dict({"sharding": {"tables": tables}})
+        resolve_config(config_from_dict({"sharding": {"tables": tables}}))  # table names: once features are known
 
 
-def test_cpu_plan_splits_rows_only_when_a_table_needs_it(tiny_criteo: Path, tmp_path: Path) -> None:
-    open_config = tiny_config(tiny_criteo, tmp_path, 24, 3, model={"num_embeddings": [BIG_ROWS] + [40] * 25})
+def test_cpu_plan_splits_rows_only_when_a_table_needs_it(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
+    open_config = tiny_config(tiny_criteo_big_c1, tmp_path, 24, 3)
     roomy = dry_run(config_from_dict(open_config), world_size=2, local_world_size=2, compute_device="cpu")
     assert {t.sharding_type for t in roomy.tables} <= {"table_wise", "column_wise", "table_column_wise"}
     open_config["sharding"] = {"device_memory_gb": 0.04}

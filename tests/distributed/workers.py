@@ -74,3 +74,18 @@ def checkpoint_roundtrip(config: dict[str, Any], url: str) -> dict[str, float]:
     progress = load_checkpoint(path, job.model, job.optimizer, global_batch_size=8)
     after = local_tensors()
     return {"max_diff": max(float((after[k] - v).abs().max()) for k, v in before.items()), **progress}
+
+
+def resolve_data(values: dict[str, Any]) -> tuple[str, bool]:
+    """``resolve_config`` on this rank: (the train split folder it resolved to, whether this rank ran the
+    preprocessing)."""
+    import contextlib
+    import io
+
+    from recsys.config import config_from_dict
+    from recsys.resolve import resolve_config
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        resolved = resolve_config(config_from_dict(values))
+    return resolved.data.train, "preprocessing them" in printed.getvalue()

@@ -10,5 +10,5 @@ from tests.helpers import Launcher
 
 
 @pytest.fixture
-def launcher(tiny_criteo: Path, tmp_path: Path) -> Launcher:
-    return Launcher(tiny_criteo, tmp_path)
+def launcher(tiny_raw: Path, tmp_path: Path) -> Launcher:
+    return Launcher(tiny_raw, tmp_path)

@@ -26,8 +26,8 @@ EXTRA = (f"training.epochs={EPOCHS}", f"training.checkpoint_every_steps={CHECKPO
 
 
 @pytest.fixture(scope="module")
-def module_launcher(tiny_criteo: Path, tmp_path_factory: pytest.TempPathFactory) -> Launcher:
-    return Launcher(tiny_criteo, tmp_path_factory.mktemp("launch"))
+def module_launcher(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Launcher:
+    return Launcher(tiny_raw, tmp_path_factory.mktemp("launch"))
 
 
 @pytest.fixture(scope="module")

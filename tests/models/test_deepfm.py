@@ -26,7 +26,7 @@ def small_model(pooling: str = "sum", shared: dict | None = None, mlp_precision:
         }
     )  # fmt: skip
     torch.manual_seed(0)
-    return build_deepfm(config, [10, 20, 30])
+    return build_deepfm(config)
 
 
 def multi_hot_kjt() -> KeyedJaggedTensor:

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from recsys.config import Config
-from recsys.data.preprocess import Settings, run
-from recsys.data.schema import load_schema
 from tests.helpers import train_and_export
 
 
@@ -22,12 +20,9 @@ class ServingRun:
 
 
 @pytest.fixture(scope="session")
-def serving_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ServingRun:
+def serving_run(synthetic_dir: Path, synthetic_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ServingRun:
     """The generated rows preprocessed into vocab shards, 30 training steps, eval and an export with ONNX."""
     root = tmp_path_factory.mktemp("serving")
-    inputs = [f"{split}={synthetic_dir / f'{split}.tsv'}" for split in ("train", "val", "test")]
-    run(Settings(out=str(root / "shards"), inputs=inputs, split="files", progress=False),
-        load_schema("criteo", {"min_count": 2}))  # fmt: skip
-    config, metrics, export = train_and_export(root, root / "shards", "--onnx")
+    config, metrics, export = train_and_export(root, synthetic_shards, "--onnx")
     return ServingRun(synthetic_dir, config, metrics, export)
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.config import CRITEO_DENSE, CRITEO_SPARSE
+from recsys.data.schema import load_schema
 from recsys.export import ExportError, export_model
 from recsys.serving import load
-from recsys.train import table_sizes
 
 
 def test_export_folder_holds_model_preprocessing_and_manifest(serving_run, tmp_path: Path) -> None:
@@ -20,7 +19,8 @@ def test_export_folder_holds_model_preprocessing_and_manifest(serving_run, tmp_p
     assert manifest["versions"]["torch"] == torch.__version__ and {"torchrec", "fbgemm_gpu", "polars"} <= set(manifest["versions"])
     assert manifest["checkpoint"].endswith("step_00000030") and manifest["step"] == 30
     assert manifest["metrics"]["test"]["auc"] == pytest.approx(serving_run.test_metrics["auc"], abs=1e-6)
-    assert manifest["features"] == {"dense": CRITEO_DENSE, "sparse": CRITEO_SPARSE, "multi_hot": []}
+    criteo = load_schema("criteo")
+    assert manifest["features"] == {"dense": criteo.dense, "sparse": criteo.sparse, "multi_hot": []}
     pre = manifest["preprocessing"]
     assert pre["schema"]["sparse_mode"] == "vocab" and pre["schema"]["min_count"] == 2
     assert pre["ids"]["missing_row"] == 0 and pre["ids"]["oov_row"] == 1 and pre["vocab_dir"] == "vocab"
@@ -41,13 +41,13 @@ def test_export_folder_holds_model_preprocessing_and_manifest(serving_run, tmp_p
 def test_reexport_replaces_an_export_but_never_another_folder(serving_run, tmp_path: Path) -> None:
     config = serving_run.config
     out = tmp_path / "export"
-    first = export_model(config, table_sizes(config), str(out))
-    second = export_model(config, table_sizes(config), str(out))
+    first = export_model(config, str(out))
+    second = export_model(config, str(out))
     assert second["created"] >= first["created"] and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not an export folder"):
-        export_model(config, table_sizes(config), str(other))
+        export_model(config, str(other))
     assert (other / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes"]

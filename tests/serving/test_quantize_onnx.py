@@ -11,7 +11,6 @@ import torch
 from recsys.data.shards import ShardedSplit
 from recsys.export import export_model
 from recsys.serving import load
-from recsys.train import table_sizes
 
 
 def _test_rows(serving_run, rows: int = 512):
@@ -22,7 +21,7 @@ def _test_rows(serving_run, rows: int = 512):
 
 def test_int8_and_int4_tables_through_torchrec_quantization(serving_run, tmp_path: Path) -> None:
     config, out = serving_run.config, tmp_path / "export"
-    int8 = export_model(config, table_sizes(config), str(out), quantize="int8")["quantization"]
+    int8 = export_model(config, str(out), quantize="int8")["quantization"]
     assert int8["fp32_bytes"] == pytest.approx((serving_run.export / "model.pt").stat().st_size, rel=1e-2)
     # FBGEMM int8 rows: 12 bytes + a 4-byte fp16 scale and bias, against 48 fp32 bytes: at most 3x here.
     assert 2.5 < int8["size_ratio"] <= 3.0 and int8["auc_drop"] <= 0.001, int8
@@ -32,7 +31,7 @@ def test_int8_and_int4_tables_through_torchrec_quantization(serving_run, tmp_pat
     fp32_scores = load(serving_run.export).score(lines)
     assert np.abs(load(out).score(lines) - fp32_scores).max() < 0.01
 
-    int4 = export_model(config, table_sizes(config), str(out), quantize="int4")["quantization"]  # replaces int8
+    int4 = export_model(config, str(out), quantize="int4")["quantization"]  # replaces int8
     assert int4["bytes"] < int8["bytes"] and int4["auc_drop"] <= 0.01, int4
     assert json.loads((out / "manifest.json").read_text())["model"]["quantization"] == "int4"
 
@@ -49,7 +48,7 @@ def test_onnx_whole_model_matches_torchscript(serving_run) -> None:
 
 def test_dense_part_onnx_and_negative_sampling_calibration(serving_run, tmp_path: Path) -> None:
     config, rate = serving_run.config, 0.25
-    manifest = export_model(config, table_sizes(config), str(tmp_path / "e"), onnx=True, negative_sampling_rate=rate,
+    manifest = export_model(config, str(tmp_path / "e"), onnx=True, negative_sampling_rate=rate,
                             onnx_table_limit_bytes=0)  # fmt: skip
     assert manifest["negative_sampling_rate"] == rate
     assert manifest["onnx"]["inputs"] == ["dense", "pooled"] and manifest["onnx"]["max_abs_error_vs_torchscript"] <= 1e-5
@@ -65,4 +64,4 @@ def test_unknown_quantization_is_refused(serving_run, tmp_path: Path, bad: str) 
     from recsys.export import ExportError
 
     with pytest.raises(ExportError, match="must be one of"):
-        export_model(serving_run.config, table_sizes(serving_run.config), str(tmp_path / "e"), quantize=bad)
+        export_model(serving_run.config, str(tmp_path / "e"), quantize=bad)

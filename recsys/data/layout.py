@@ -1,0 +1,88 @@
+"""The shard layout: what ``recsys preprocess`` writes (``preprocess.writer``) and the loader reads
+(``data.shards``), defined once.
+
+A shard is a folder of ``.npy`` arrays with the same number of rows N:
+
+- ``labels.npy`` int8 [N] (-1: unlabelled);
+- ``dense.npy`` float32 [N, F_dense], already transformed;
+- ``sparse.npy`` int32 [N, F_one_hot]: table rows of the one-hot features, in schema order;
+- ``<feature>.values.npy`` int32 [L] and ``<feature>.lengths.npy`` int32 [N] per multi-hot feature;
+- ``groups.npy`` int64 [N] raw keys of the schema's group column (GAUC), when it has one;
+- ``shard.json``: row count, positives, largest id per feature, sha256 of every array, the run's fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def multi_hot_arrays(feature: str) -> tuple[str, str]:
+    """The (values, lengths) array names of a multi-hot feature."""
+    return f"{feature}.values", f"{feature}.lengths"
+
+
+@dataclass
+class Columns:
+    """Rows in the shard layout: labels [N] int8, dense [N, Fd] float32, sparse [N, F1] and, per multi-hot
+    feature, values [L] and lengths [N] int32. Ids are int64 keys in chunk parts, int32 rows in shards.
+    ``groups`` [N] int64: raw keys of the schema's group column (never mapped), or None."""
+
+    labels: np.ndarray
+    dense: np.ndarray
+    sparse: np.ndarray
+    multi: dict[str, tuple[np.ndarray, np.ndarray]]
+    groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, rows: np.ndarray) -> "Columns":
+        multi = {}
+        for name, (values, lengths) in self.multi.items():
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            multi[name] = (values[gather_ranges(offsets[rows], lengths[rows])], lengths[rows])
+        groups = None if self.groups is None else self.groups[rows]
+        return Columns(self.labels[rows], self.dense[rows], self.sparse[rows], multi, groups)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """{array name: array}: a shard folder holds one ``<name>.npy`` per entry."""
+        multi = {name: array for f, (values, lengths) in self.multi.items()
+                 for name, array in zip(multi_hot_arrays(f), (values, lengths))}  # fmt: skip
+        groups = {} if self.groups is None else {"groups": self.groups}
+        return {"labels": self.labels, "dense": self.dense, "sparse": self.sparse, **multi, **groups}
+
+    @classmethod
+    def load(cls, folder: Path, multi_hot: list[str], grouped: bool, prefix: str = "", mmap: bool = True) -> "Columns":
+        """The arrays of a shard folder (``prefix``: a chunk part's ``<split>.``), memory-mapped by default:
+        nothing is read until rows are gathered. FileNotFoundError names a missing array."""
+        load = lambda name: np.load(folder / f"{prefix}{name}.npy", mmap_mode="r" if mmap else None)  # noqa: E731
+        multi = {f: tuple(load(name) for name in multi_hot_arrays(f)) for f in multi_hot}
+        return cls(load("labels"), load("dense"), load("sparse"), multi, load("groups") if grouped else None)
+
+
+def max_ids(one_hot: list[str], sparse: np.ndarray, multi_values: dict[str, np.ndarray]) -> dict[str, int]:
+    """The largest id of each feature of a shard (``sparse``: the one-hot features' columns; multi-hot
+    values by feature); features without ids are left out. The loader checks them against the tables."""
+    top = {name: int(column) for name, column in zip(one_hot, sparse.max(axis=0))} if len(sparse) else {}
+    top.update({name: int(values.max()) for name, values in multi_values.items() if len(values)})
+    return top
+
+
+def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges ``[starts[i], starts[i] + lengths[i])`` (multi-hot gathers)."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts.astype(np.int64) - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of a file, as ``shard.json`` records it."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
