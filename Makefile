@@ -1,10 +1,11 @@
-# Two commands on a fresh machine: `make demo` (the whole job) and `make test` (the test suite).
-# Both create .venv and install everything first (tools/install.sh), once.
+# Two commands on a fresh machine: `make demo` (the whole job) and `make test` (the test suite, what CI runs).
+# Both create .venv and install everything first (tools/install.sh), once. `make test-fast` is the edit loop:
+# every test but those marked `slow` (spawned processes, torchx, end-to-end training), in about a minute.
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install demo test
+.PHONY: install demo test test-fast
 
 install: $(VENV)/.recsys-installed
 
@@ -24,3 +25,6 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

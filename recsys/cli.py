@@ -265,6 +265,9 @@ _NO_TORCH = ("generate", "preprocess")
 
 def main(argv: list[str] | None = None) -> int:
     """The ``recsys`` command (also what torchrun/TorchX workers run: ``python -m recsys.cli train``)."""
+    from recsys.warnings_filter import install
+
+    install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
     args = build_parser().parse_args(argv)
     if args.command not in _NO_TORCH:
         check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it

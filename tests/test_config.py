@@ -3,16 +3,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from recsys.config import Config, ConfigError, config_from_dict, load_config, parse_overrides
+from recsys.config import ConfigError, config_from_dict, load_config, parse_overrides
+from tests.helpers import CONFIG_DIR
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def _assert_holds(loaded: object, written: object, key: str) -> None:
+    """Every value the YAML wrote is the value the loaded config holds (a dataclass field, a mapping entry or
+    a list item), recursively."""
+    if isinstance(written, dict):
+        for name, value in written.items():
+            inner = loaded.get(name) if isinstance(loaded, dict) else getattr(loaded, name, _MISSING)
+            assert inner is not _MISSING, f"{key}.{name} was written but not loaded"
+            _assert_holds(inner, value, f"{key}.{name}")
+    elif isinstance(written, list) and isinstance(loaded, (list, tuple)):
+        assert len(loaded) == len(written), key
+        for i, (inner, value) in enumerate(zip(loaded, written)):
+            _assert_holds(inner, value, f"{key}[{i}]")
+    else:
+        assert loaded == written, f"{key}: the file says {written!r}, the loaded config holds {loaded!r}"
+
+
+_MISSING = object()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_loads(path: Path) -> None:
-    config = load_config(path)
-    assert isinstance(config, Config)
+def test_every_shipped_config_loads_with_its_values(path: Path) -> None:
+    written = yaml.safe_load(path.read_text())
+    assert written, f"{path} is empty"
+    _assert_holds(load_config(path), written, path.stem)
 
 
 def test_shipped_configs_exist() -> None:

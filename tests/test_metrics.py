@@ -1,4 +1,5 @@
-"""CTR metrics: GAUC against a brute-force definition, calibration, reliability, 2 ranks = 1 rank."""
+"""CTR metrics: against scikit-learn's, GAUC against a brute-force definition, calibration, reliability,
+2 ranks = 1 rank."""
 
 from __future__ import annotations
 
@@ -7,9 +8,68 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import log_loss, roc_auc_score
 
 from recsys.distributed.local import run_local
-from recsys.metrics import CTRMetrics, group_auc
+from recsys.metrics import RELIABILITY_BUCKETS, CTRMetrics, group_auc
+
+
+def scored_rows(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits [n] float32 with many ties, labels [n] in {0, 1} at CTR ~0.25, groups [n] over 50 users)."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.25).astype(np.int64)
+    # rounded: ties; off 0 by 0.05: no probability on a bucket edge (0.5), where sklearn bins downwards
+    logits = (np.round(rng.normal(labels * 0.9 - 1.2, 1.0), 1) + 0.05).astype(np.float32)
+    groups = rng.integers(0, 50, n).astype(np.int64)
+    return logits, labels, groups
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """sigmoid in float64: equal logits give equal probabilities (torch's float32 sigmoid can round a
+    value differently in its vectorized body and its scalar tail, splitting a tie)."""
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+def test_metrics_agree_with_sklearn() -> None:
+    logits, labels, groups = scored_rows()
+    metrics = CTRMetrics(grouped=True)
+    for lo in range(0, len(labels), 512):  # several uneven batches
+        part = slice(lo, lo + 512)
+        metrics.update(torch.from_numpy(logits[part]), torch.from_numpy(labels[part]), torch.from_numpy(groups[part]))
+    result = metrics.compute()
+
+    probs = probabilities(logits)
+    ctr = labels.mean()
+    assert result["rows"] == len(labels)
+    assert result["ctr"] == pytest.approx(ctr, rel=1e-9)
+    # recsys ranks float32 probabilities, which can split a tie of equal logits (see probabilities()): the
+    # ~2e-5 this moves AUC on these heavily tied scores is rounding, not a different definition
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-4)
+    assert result["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-5)
+    # NE: logloss over the logloss of always predicting the observed CTR
+    assert result["ne"] == pytest.approx(log_loss(labels, probs) / log_loss(labels, np.full(len(labels), ctr)), rel=1e-5)
+    assert result["calibration"] == pytest.approx(probs.mean() / ctr, rel=1e-5)
+    per_group = [(roc_auc_score(labels[groups == g], probs[groups == g]), (groups == g).sum())
+                 for g in np.unique(groups) if 0 < labels[groups == g].sum() < (groups == g).sum()]  # fmt: skip
+    assert result["gauc"] == pytest.approx(sum(a * n for a, n in per_group) / sum(n for _, n in per_group), abs=1e-9)
+
+    # the reliability diagram is sklearn's uniform calibration curve with as many bins
+    observed, predicted = calibration_curve(labels, probs, n_bins=RELIABILITY_BUCKETS, strategy="uniform")
+    buckets = metrics.reliability()
+    assert buckets["observed"] == pytest.approx(observed.tolist(), abs=1e-9)
+    assert buckets["predicted"] == pytest.approx(predicted.tolist(), rel=1e-5)
+    assert sum(buckets["rows"]) == len(labels)
+
+
+def test_reset_starts_over() -> None:
+    logits, labels, groups = scored_rows(600, seed=1)
+    metrics = CTRMetrics()
+    metrics.update(torch.from_numpy(logits), torch.from_numpy(1 - labels))
+    metrics.reset()
+    metrics.update(torch.from_numpy(logits), torch.from_numpy(labels))
+    assert metrics.compute()["auc"] == pytest.approx(roc_auc_score(labels, probabilities(logits)), abs=1e-4)
+    assert metrics.compute()["rows"] == 600
 
 
 def brute_force_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -77,6 +137,7 @@ def metrics_of_share(share: slice | None) -> tuple[dict[str, float], dict[str, l
     return metrics.compute(), metrics.reliability()
 
 
+@pytest.mark.slow  # spawned ranks
 def test_two_ranks_give_the_metrics_of_one() -> None:
     (one,) = run_local(metrics_of_share, 1, slice(0, 1000))
     two = run_local(metrics_of_share, 2, None)

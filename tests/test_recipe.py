@@ -20,7 +20,7 @@ from recsys.data.shards import ShardedSplit
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
 from recsys.export import export_model
 from recsys.train import evaluate_checkpoint, train
-from tests.conftest import shared_file
+from tests.helpers import read_metrics, shared_file
 
 
 @pytest.fixture(scope="module")
@@ -51,24 +51,20 @@ def users_config(data: Path, run_dir: Path, *overrides: str) -> Config:
     return config_from_dict(values, list(overrides))
 
 
-def events(run_dir: Path, stage: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if row["stage"] == stage]
-
-
 EARLY_STOPPING = ["training.epochs=10", "training.eval_every_steps=10", "early_stopping.enabled=true",
                   "early_stopping.monitor=gauc", "early_stopping.patience=2", "early_stopping.min_delta=0.002"]
 
 
+@pytest.mark.slow  # end to end: trains until early stopping, then eval and export
 def test_early_stopping_keeps_and_serves_the_best_checkpoint(users_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = users_config(users_dir, run_dir, *EARLY_STOPPING, "training.keep_last_checkpoints=1")
     result = train(config)
 
-    (stop,) = events(run_dir, "stop")
+    (stop,) = read_metrics(run_dir, "stop")
     assert stop["reason"] == "early_stopping" and stop["step"] < 10 * 47, stop
     timing = ("stage", "step", "samples_per_s")
-    validations = {row["step"]: {k: v for k, v in row.items() if k not in timing} for row in events(run_dir, "val")}
+    validations = {row["step"]: {k: v for k, v in row.items() if k not in timing} for row in read_metrics(run_dir, "val")}
     best_step = -1  # the best under min_delta: a later validation must beat it by more than 0.002
     for step in sorted(validations):
         if best_step < 0 or validations[step]["gauc"] > validations[best_step]["gauc"] + 0.002:
@@ -86,23 +82,24 @@ def test_early_stopping_keeps_and_serves_the_best_checkpoint(users_dir: Path, tm
     assert evaluate_checkpoint(config, checkpoint="latest")["auc"] != pytest.approx(result["test"]["auc"], abs=1e-7)
     assert export_model(config, str(tmp_path / "export"))["checkpoint"] == best_checkpoint(str(run_dir))
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["curves.png", "reliability.png"]
-    (reliability,) = events(run_dir, "reliability")
+    (reliability,) = read_metrics(run_dir, "reliability")
     assert reliability["split"] == "test" and sum(reliability["rows"]) == result["test"]["rows"]
 
 
+@pytest.mark.slow  # end to end: several training runs
 def test_resumed_run_keeps_early_stopping_and_plateau_state(users_dir: Path, tmp_path: Path) -> None:
     recipe = [*EARLY_STOPPING, "schedule.name=plateau", "schedule.plateau_patience=1", "schedule.warmup_steps=5",
               "model.dropout=0.2"]
     whole = train(users_config(users_dir, tmp_path / "whole", *recipe))
-    (stop,) = events(tmp_path / "whole", "stop")
+    (stop,) = read_metrics(tmp_path / "whole", "stop")
     assert stop["reason"] == "early_stopping"
     interrupted = stop["step"] - 10  # one validation without improvement already behind it
     train(users_config(users_dir, tmp_path / "resumed", *recipe, f"training.max_steps={interrupted}"))
-    assert events(tmp_path / "resumed", "stop")[0]["reason"] == "max_steps"
+    assert read_metrics(tmp_path / "resumed", "stop")[0]["reason"] == "max_steps"
     resumed = train(users_config(users_dir, tmp_path / "resumed", *recipe))
     assert resumed == whole
-    assert events(tmp_path / "resumed", "stop")[-1] == stop
-    whole_rates, resumed_rates = ({row["step"]: row["lr_dense"] for row in events(tmp_path / run, "train")}
+    assert read_metrics(tmp_path / "resumed", "stop")[-1] == stop
+    whole_rates, resumed_rates = ({row["step"]: row["lr_dense"] for row in read_metrics(tmp_path / run, "train")}
                                   for run in ("whole", "resumed"))
     assert whole_rates[max(whole_rates)] < 1e-3  # the plateau cut the rate
     assert [resumed_rates[s] for s in whole_rates if s in resumed_rates] == [r for s, r in whole_rates.items() if s in resumed_rates]
@@ -132,7 +129,7 @@ def test_loss_options_train_through_the_pipeline(users_dir: Path, tmp_path: Path
     for name, overrides in {"bce": [], "pos_weight": ["loss.pos_weight=3.0"],
                             "focal": ["loss.name=focal", "loss.focal_alpha=0.25"]}.items():
         train(users_config(users_dir, tmp_path / name, *small, *overrides))
-        losses[name] = [row["loss"] for row in events(tmp_path / name, "train")]
+        losses[name] = [row["loss"] for row in read_metrics(tmp_path / name, "train")]
     assert losses["pos_weight"][0] > losses["bce"][0] > losses["focal"][0] > 0
 
 
@@ -149,6 +146,7 @@ def one_distribution(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return preprocess(out, {"train": "train", "test": "test"}, "criteo")
 
 
+@pytest.mark.slow  # end to end: trains to calibration
 def test_training_on_downsampled_negatives_stays_calibrated(one_distribution: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     config = config_from_dict({
@@ -161,7 +159,7 @@ def test_training_on_downsampled_negatives_stays_calibrated(one_distribution: Pa
     })  # fmt: skip
     test = train(config)["test"]
     assert abs(test["calibration"] - 1) < 0.03, test  # mean predicted CTR within 3% of the observed
-    (data,) = events(run_dir, "data")
+    (data,) = read_metrics(run_dir, "data")
     labels = np.array([int(line[0]) for line in (one_distribution.parent / "train.tsv").open()])
     assert labels.sum() < data["train_rows_kept"] < labels.sum() + 0.12 * (len(labels) - labels.sum())
     # without the correction the same model would predict about three times the CTR
@@ -184,6 +182,7 @@ def test_checkpoint_choice_errors(tmp_path: Path) -> None:
         resolve_checkpoint(str(tmp_path), str(tmp_path / "step_00000001"))
 
 
+@pytest.mark.slow  # end to end: the CLI on real rows
 def test_early_stopping_from_the_cli_on_real_criteo_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rows = shared_file("criteo", "kaggle_train_sample_1999.tsv")
     shards = tmp_path / "shards"
@@ -200,7 +199,7 @@ def test_early_stopping_from_the_cli_on_real_criteo_rows(tmp_path: Path, capsys:
         "logging": {"progress_bar": False, "tensorboard": False},
     }))  # JSON is YAML
     assert main(["train", str(config)]) == 0
-    (stop,) = events(tmp_path / "run", "stop")
+    (stop,) = read_metrics(tmp_path / "run", "stop")
     assert stop["reason"] == "early_stopping" and stop["step"] < 40 * 19, stop
     assert (tmp_path / "run" / "plots" / "curves.png").stat().st_size > 0
     capsys.readouterr()

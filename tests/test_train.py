@@ -22,10 +22,11 @@ def make_config(shards: Path, run_dir: Path, *overrides: str) -> Config:
     return config_from_dict(values, list(overrides))
 
 
-def test_one_epoch_on_generated_rows_learns(synthetic_dir: Path, synthetic_shards: Path, tmp_path: Path) -> None:
-    result = train(make_config(synthetic_shards, tmp_path / "run"))
+@pytest.mark.slow  # end to end: one epoch on 160k rows
+def test_one_epoch_on_generated_rows_learns(synthetic_200k: Path, synthetic_200k_shards: Path, tmp_path: Path) -> None:
+    result = train(make_config(synthetic_200k_shards, tmp_path / "run"))
     test = result["test"]
-    oracle = json.loads((synthetic_dir / "oracle.json").read_text())["oracle"]["test"]
+    oracle = json.loads((synthetic_200k / "oracle.json").read_text())["oracle"]["test"]
     ctr = test["ctr"]
     constant_logloss = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr))
     assert test["rows"] == oracle["rows"]

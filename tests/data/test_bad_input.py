@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_helpers import criteo_lines, write_lines
 from recsys.data.preprocess import PreprocessError, Settings, run, summarize
 from recsys.data.schema import load_schema
+from tests.helpers import criteo_lines, write_lines
 
 SCHEMA = load_schema("criteo", {"sparse_mode": "hash"})
 

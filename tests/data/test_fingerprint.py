@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from data_helpers import criteo_lines, read_split, write_lines
 from recsys.cli import main
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
+from tests.helpers import criteo_lines, read_split, write_lines
 
 SCHEMA = load_schema("criteo", {"sparse_mode": "hash", "hash_buckets": 100})
 

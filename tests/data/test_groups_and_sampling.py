@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from data_helpers import write_lines
 from recsys.config import ConfigError, config_from_dict
 from recsys.data.batching import GroupedBatch
 from recsys.data.preprocess import Settings, run
@@ -16,6 +15,7 @@ from recsys.data.schema import load_schema, schema_from_dict
 from recsys.data.shards import ShardedSplit
 from recsys.resolve import resolve_config
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
+from tests.helpers import write_lines
 
 ROWS = 600
 

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_helpers import criteo_lines, read_split, shared_file, write_lines
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import Schema, load_schema, schema_from_dict
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, criteo_lines, read_split, shared_file, write_lines
 
 
 def preprocess(out: Path, inputs: list, schema: Schema, **settings) -> dict:
@@ -199,6 +197,7 @@ def test_rerun_reuses_and_changed_settings_invalidate(tmp_path):
     assert not (tmp_path / "out" / ".work").exists()
 
 
+@pytest.mark.slow  # a child process, killed
 def test_resume_after_killed_run(tmp_path):
     lines = criteo_lines() * 8  # 12,000 rows in ~150 chunks: the run takes seconds
     path = write_lines(tmp_path / "day.tsv", lines)

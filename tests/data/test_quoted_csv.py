@@ -9,10 +9,10 @@ import io
 import polars as pl
 import pytest
 
-from data_helpers import read_split
 from recsys.data.preprocess import PreprocessError, Settings, run
 from recsys.data.preprocess.sources import record_cut
 from recsys.data.schema import load_schema, schema_from_dict
+from tests.helpers import read_split
 
 ROWS = [
     ("u1", "shoes, red", 'acme "pro"', "1"),

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from data_helpers import criteo_lines, write_lines
 from recsys.config import Config, ConfigError, config_from_dict
 from recsys.data.preprocess import PreprocessError
 from recsys.data.shards import ShardedSplit
 from recsys.resolve import resolve_config
+from tests.helpers import criteo_lines, write_lines
 
 
 @pytest.fixture

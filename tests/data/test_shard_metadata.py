@@ -10,12 +10,12 @@ from typing import Any, Callable
 
 import pytest
 
-from data_helpers import criteo_lines, write_lines
 from recsys.config import config_from_dict
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
 from recsys.data.shards import ShardError, ShardedSplit
 from recsys.train import train
+from tests.helpers import criteo_lines, write_lines
 
 
 @pytest.fixture(scope="module")

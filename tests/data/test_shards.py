@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from data_helpers import criteo_lines, write_lines
 from recsys.config import ConfigError, config_from_dict
 from recsys.data.batching import rank_bounds
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema, schema_from_dict
 from recsys.data.shards import ShardError, ShardedSplit
 from recsys.resolve import resolve_config
+from tests.helpers import criteo_lines, write_lines
 
 ROWS = 1003  # not a multiple of any batch size below: the remainder must be handled
 
@@ -100,13 +100,17 @@ def test_prefetch_and_multi_hot_kjt(id_dataset):
 def test_stopping_early_stops_the_prefetch_thread(id_dataset):
     import threading
 
+    def prefetchers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "shard-prefetch"}
+
+    before = prefetchers()
     batches = id_dataset.batches(10, prefetch=2)
     next(batches)
+    (thread,) = prefetchers() - before  # the consumer's own producer thread, running
+    assert thread.is_alive()
     batches.close()
-    for thread in threading.enumerate():
-        if thread.name == "shard-prefetch":
-            thread.join(timeout=5)
-            assert not thread.is_alive()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from recsys.data.preprocess.base import MAIN_BASE_BYTES
 from recsys.data.preprocess.vocabulary import MERGE_BYTES_PER_ENTRY, merge_budget
@@ -59,6 +60,7 @@ def preprocess(out: Path, log: Path, memory_gb: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # child processes, 500k rows each
 def test_merge_within_a_small_cap_matches_an_unbounded_merge(tmp_path):
     log = tmp_path / "many_ids.tsv"
     distinct = write_log(log, 500_000)

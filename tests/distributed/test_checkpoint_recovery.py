@@ -12,7 +12,7 @@ import pytest
 from recsys.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
 from recsys.config import config_from_dict
 from recsys.train import resume_point, train
-from tests.distributed.conftest import tiny_config
+from tests.helpers import tiny_config
 
 EVERY_STEP = {"checkpoint_every_steps": 1, "keep_last_checkpoints": 3}
 

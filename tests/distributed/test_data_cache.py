@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from recsys.distributed.local import run_local
 from tests.distributed.workers import resolve_data
 
 
+@pytest.mark.slow  # spawned ranks
 def test_ranks_preprocess_raw_files_once(tiny_raw: Path, tmp_path: Path) -> None:
     values = {
         "data": {"train": str(tiny_raw / "train.tsv"), "val": str(tiny_raw / "val.tsv"), "test": ""},

@@ -40,6 +40,7 @@ def test_inject_fault_is_a_no_op_unless_asked(tmp_path: Path, monkeypatch: pytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fault_injected_at_step_3"]
 
 
+@pytest.mark.slow  # a child process
 def test_inject_fault_kills_the_chosen_rank_and_leaves_a_marker(tmp_path: Path) -> None:
     code = "import sys; from recsys.distributed.elastic import inject_fault; inject_fault(3, 1, sys.argv[1])"
     env = {**os.environ, "RECSYS_FAIL_AT_STEP": "3", "RECSYS_FAIL_RANK": "1"}

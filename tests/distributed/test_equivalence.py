@@ -15,8 +15,10 @@ import torch
 
 from recsys.checkpoint import latest_checkpoint, read_tensors
 from recsys.distributed.local import run_local
-from tests.distributed.conftest import tiny_config, train_losses
 from tests.distributed.workers import train_each
+from tests.helpers import tiny_config, train_losses
+
+pytestmark = pytest.mark.slow  # spawned ranks
 
 SHARDING_TYPES = ["table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"]
 GLOBAL_BATCH = 48
@@ -68,7 +70,7 @@ def test_same_model_as_one_process(runs: dict, world_size: int, sharding_type: s
     expected_shards = {"table_wise": 1, "row_wise": world_size, "table_row_wise": world_size, "column_wise": 4}
     assert len(shards) == expected_shards.get(sharding_type, 0), shards
 
-    reference_losses, losses = train_losses(reference_dir), train_losses(run_dir)
+    reference_losses, losses = dict(train_losses(reference_dir)), dict(train_losses(run_dir))
     assert sorted(losses) == list(range(1, STEPS + 1))
     for step, loss in losses.items():
         assert loss == pytest.approx(reference_losses[step], abs=2e-6), f"step {step}"
@@ -84,8 +86,8 @@ def test_same_model_as_one_process(runs: dict, world_size: int, sharding_type: s
     first = read_tensors(latest_checkpoint(str(runs["saved_w2"][0])))
     assert not torch.equal(first[tables[0]], actual[tables[0]])
 
-    # evaluation covers the whole val split across ranks: same AUC as one process over all 120 rows
-    assert result["val"]["rows"] == reference["val"]["rows"] == 120
+    # evaluation covers the whole val split across ranks: same AUC as one process over all 150 rows
+    assert result["val"]["rows"] == reference["val"]["rows"] == 150
     assert result["val"]["auc"] == pytest.approx(reference["val"]["auc"], abs=1e-6)
     assert result["val"]["logloss"] == pytest.approx(reference["val"]["logloss"], abs=1e-6)
 
@@ -95,8 +97,8 @@ def test_resume_on_another_world_size(runs: dict, name: str) -> None:
     """Saved by 2 ranks (row-wise) at step 3, resumed by 1 or 4 ranks: steps 4-6 as in an uninterrupted run."""
     run_dir, result = runs[name]
     assert "error" not in result, result
-    reference = train_losses(runs["w1"][0])
-    losses = train_losses(run_dir)
+    reference = dict(train_losses(runs["w1"][0]))
+    losses = dict(train_losses(run_dir))
     for step in range(RESUME_AT + 1, STEPS + 1):
         assert losses[step] == pytest.approx(reference[step], abs=2e-6), f"step {step}"
     expected = read_tensors(latest_checkpoint(str(runs["w1"][0])))

@@ -11,10 +11,9 @@ from recsys.config import ConfigError, config_from_dict, load_config
 from recsys.distributed.local import run_local
 from recsys.distributed.planning import PlanError, dry_run, format_report
 from recsys.resolve import resolve_config
-from tests.distributed.conftest import tiny_config
 from tests.distributed.workers import train_each
+from tests.helpers import REPO, tiny_config
 
-REPO = Path(__file__).resolve().parents[2]
 # t_C1: BIG_ROWS x 16 floats + Adagrad state = 51 MB; every other table 40 rows (the shards of
 # tiny_criteo_big_c1)
 
@@ -65,11 +64,12 @@ def test_cap_too_small_for_the_model_names_the_table(tiny_criteo_big_c1: Path, t
         dry_run(config, world_size=2, local_world_size=2, compute_device="cpu")
 
 
+@pytest.mark.slow  # spawned ranks
 def test_memory_capped_training_on_two_processes(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:
     fits = capped(tiny_criteo_big_c1, tmp_path / "fits", 0.04)
     too_small = capped(tiny_criteo_big_c1, tmp_path / "small", 0.01)
     ok, failed = run_local(train_each, 2, [fits, too_small])[0]
-    assert "error" not in ok and ok["val"]["rows"] == 120
+    assert "error" not in ok and ok["val"]["rows"] == 150
     assert failed["error"].startswith("PlanError") and "t_C1" in failed["error"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from recsys.config import config_from_dict
 from recsys.runlock import RunDirLocked, run_dir_lock
 from recsys.train import train
-from tests.distributed.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _dead_pid() -> int:

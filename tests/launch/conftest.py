@@ -1,4 +1,4 @@
-"""Fixtures for launch tests: tiny generated data and a launcher writing into the test's tmp dir."""
+"""Fixtures for launch tests: a launcher on the tiny generated data, writing into the test's tmp dir."""
 
 from __future__ import annotations
 
@@ -6,18 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import ROWS, Launcher
-
-
-@pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from recsys.data.synthetic import SyntheticSpec, generate_splits
-
-    out = tmp_path_factory.mktemp("synthetic")
-    generate_splits(out, ROWS, SyntheticSpec(seed=3))
-    return out
+from tests.helpers import Launcher
 
 
 @pytest.fixture
-def launcher(synthetic_data: Path, tmp_path: Path) -> Launcher:
-    return Launcher(synthetic_data, tmp_path)
+def launcher(tiny_raw: Path, tmp_path: Path) -> Launcher:
+    return Launcher(tiny_raw, tmp_path)

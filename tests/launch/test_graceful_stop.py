@@ -3,7 +3,6 @@ and the worker checkpoints after its current step before exiting."""
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -12,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.helpers import CONFIG, REPO, Launcher, read_metrics, train_losses
 
-from launch_helpers import CONFIG, REPO, Launcher, read_metrics, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +21,7 @@ def wait_for_steps(proc: subprocess.Popen, metrics: Path, steps: int, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"training exited early:\n{proc.communicate()[0][-4000:]}"
-        if metrics.exists() and len(train_losses(read_metrics(metrics.parent))) >= steps:
+        if metrics.exists() and len(train_losses(metrics.parent)) >= steps:
             return
         time.sleep(0.2)
     proc.terminate()
@@ -51,5 +50,5 @@ def test_sigterm_to_torchrun_checkpoints_the_current_step_and_exits(launcher: La
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert (run_dir / "checkpoints" / f"step_{step:08d}" / ".metadata").exists()
     # The checkpoint is the last thing the run did: no step was trained after it.
-    assert train_losses(read_metrics(run_dir))[-1][0] == step
-    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["stage"] == "train"
+    assert train_losses(run_dir)[-1][0] == step
+    assert read_metrics(run_dir)[-1]["stage"] == "train"

@@ -11,8 +11,8 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.specs.builders import materialize_appdef
 from torchx.specs.file_linter import validate
 from torchx.specs.finder import get_component
+from tests.helpers import REPO
 
-from launch_helpers import REPO
 
 COMPONENTS = REPO / "launch" / "components.py"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recsys.config import Config
-from serving_helpers import train_and_export
+from tests.helpers import train_and_export
 
 
 @dataclass
@@ -26,11 +26,3 @@ def serving_run(synthetic_dir: Path, synthetic_shards: Path, tmp_path_factory: p
     config, metrics, export = train_and_export(root, synthetic_shards, "--onnx")
     return ServingRun(synthetic_dir, config, metrics, export)
 
-
-@pytest.fixture
-def shared_data() -> Path:
-    """The real click-log samples in ../shared/data; the test skips where they are absent."""
-    path = Path(__file__).resolve().parents[3] / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"{path} not present (../shared is only on CI and developer machines)")
-    return path

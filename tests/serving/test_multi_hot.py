@@ -5,12 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pytest
 
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
 from recsys.serving import load
 from recsys.serving.predict import predict
-from serving_helpers import train_and_export
+from tests.helpers import train_and_export
 
 SCHEMA = """
 name: shop
@@ -28,6 +29,7 @@ min_count: 1
 """
 
 
+@pytest.mark.slow  # end to end: preprocess, train, export, ONNX, predict
 def test_multi_hot_mean_pooling_through_export_onnx_and_predict(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rows = ["request,user,tags,price,click\n"]

@@ -5,17 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from recsys.cli import main
 from recsys.data.preprocess import Settings, run
 from recsys.data.schema import load_schema
-from serving_helpers import train_and_export
+from tests.helpers import shared_file, train_and_export
+
+pytestmark = pytest.mark.slow  # end to end: preprocess, train, export, predict on real rows
 
 
-def test_criteo_kaggle_rows(shared_data: Path, tmp_path: Path) -> None:
-    lines = (shared_data / "criteo" / "kaggle_train_sample_1999.tsv").read_text().splitlines(keepends=True)
+def test_criteo_kaggle_rows(tmp_path: Path) -> None:
+    lines = shared_file("criteo", "kaggle_train_sample_1999.tsv").read_text().splitlines(keepends=True)
     parts = {"train": lines[:1500], "val": lines[1500:1750], "test": lines[1750:]}
     for split, rows in parts.items():
         (tmp_path / f"{split}.tsv").write_text("".join(rows))
@@ -30,8 +33,8 @@ def test_criteo_kaggle_rows(shared_data: Path, tmp_path: Path) -> None:
     assert abs(auc - metrics["auc"]) < 1e-4, (auc, metrics)
 
 
-def test_avazu_rows_keep_their_ids(shared_data: Path, tmp_path: Path) -> None:
-    path = shared_data / "avazu" / "deepctr_avazu_sample_100.csv"
+def test_avazu_rows_keep_their_ids(tmp_path: Path) -> None:
+    path = shared_file("avazu", "deepctr_avazu_sample_100.csv")
     run(Settings(out=str(tmp_path / "shards"), inputs=[f"{s}={path}" for s in ("train", "val", "test")],
                  split="files", progress=False), load_schema("avazu"))  # fmt: skip
     _, _, export = train_and_export(tmp_path, tmp_path / "shards", steps=2)
