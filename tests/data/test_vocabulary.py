@@ -23,20 +23,29 @@ SCHEMA = {
     "min_count": 2, "dense_transform": "none",
 }  # fmt: skip
 
-# Runs the tool in a fresh process (one worker: the merge runs in it) and reports its peak RSS (VmHWM: unlike
-# ru_maxrss, not inherited from the forking pytest process) above the RSS it had once imported.
+# Runs the tool in a fresh process with one worker, so that the merge tasks run in it, and reports the peak RSS
+# of the vocabulary phase above the RSS it starts from (what parsing left resident): the process's VmHWM is
+# reset on entering the phase (/proc/self/clear_refs) and read on leaving it.
 RUN = """
 import json, sys
-from recsys.data.preprocess import Settings, run
+from recsys.data.preprocess import Settings, pipeline, run
 from recsys.data.schema import schema_from_dict
-with open("/proc/self/statm") as fh:
-    base_kib = int(fh.read().split()[1]) * 4
+
+def kib(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+build_vocab, phase = pipeline.build_vocab, {}
+def measured(*args):
+    open("/proc/self/clear_refs", "w").write("5")
+    phase["start"] = kib("VmRSS")
+    result = build_vocab(*args)
+    phase["peak"] = kib("VmHWM")
+    return result
+pipeline.build_vocab = measured
 out, path, memory, schema = sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])
 meta = run(Settings(out=out, inputs=[f"train={path}"], split="files", workers=1, max_memory_gb=memory,
                     chunk_bytes=1 << 20, progress=False), schema_from_dict(schema))
-peak_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"extra_mib": (peak_kib - base_kib) / 1024,
-                  "vocab": meta["vocab"]}))
+print(json.dumps({"extra_mib": (phase["peak"] - phase["start"]) / 1024, "vocab": meta["vocab"]}))
 """
 
 
@@ -86,5 +95,5 @@ def test_merge_within_a_small_cap_matches_an_unbounded_merge(tmp_path):
     # The unbounded merge holds every distinct id at once; the bounded one a budget's worth.
     budget_mib = merge_budget(small, 1) / 2**20
     assert distinct * MERGE_BYTES_PER_ENTRY / 2**20 > 2 * budget_mib
-    assert bounded["extra_mib"] <= budget_mib + 96, bounded  # + what parsing and writing shards leave allocated
-    assert unbounded["extra_mib"] > bounded["extra_mib"] + 100, (bounded, unbounded)  # measured: 160 vs 341 MiB
+    assert bounded["extra_mib"] <= budget_mib + 16, bounded
+    assert unbounded["extra_mib"] > bounded["extra_mib"] + 100, (bounded, unbounded)

@@ -39,11 +39,15 @@ def transform_dense(dense: np.ndarray, transform: str) -> np.ndarray:
 
 
 def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[N] int64 keys -> (codes [N] int32, uniques [U] int64 sorted) with ``uniques[codes] == keys``."""
-    codes = pl.Series(keys).rank("dense").to_numpy().astype(np.int32) - 1
-    uniques = np.empty(int(codes.max()) + 1 if len(codes) else 0, dtype=np.int64)
-    uniques[codes] = keys
-    return codes, uniques
+    """[N] int64 keys -> (codes [N] int32, uniques [U] int64 distinct) with ``uniques[codes] == keys``.
+    Arrow's hash-based dictionary encoding: 2.3x faster than polars' (sort-based) dense rank on Criteo ids."""
+    import pyarrow as pa  # here: vocab mode only; hash-mode workers start 50 ms sooner without it
+    import pyarrow.compute as pc
+
+    # The system allocator returns freed buffers at once; Arrow's default pool keeps them, and a worker would
+    # carry that memory into its vocabulary merge tasks (measured: +60 MiB over the merge budget).
+    encoded = pc.dictionary_encode(pa.array(keys), memory_pool=pa.system_memory_pool())
+    return encoded.indices.to_numpy(), encoded.dictionary.to_numpy()
 
 
 def encode(parsed: Parsed, schema: Schema, to: str = "keys", vocab_dir: str | None = None
@@ -58,7 +62,12 @@ def encode(parsed: Parsed, schema: Schema, to: str = "keys", vocab_dir: str | No
     one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
     uniques: dict[str, np.ndarray] = {}
 
-    def ids(name: str, keys: np.ndarray) -> np.ndarray:
+    def ids(name: str, tokens: pl.Series) -> np.ndarray:
+        kind = schema.kind(name)
+        if to == "rows" and schema.sparse_mode == "hash" and kind != "string":
+            # map_keys' rule (id mod buckets, floor mod as numpy's; missing -> 0) in one polars pass: 2x faster
+            return (tokens % schema.buckets(name)).fill_null(0).cast(pl.Int32).to_numpy()
+        keys = token_keys(tokens, kind)
         if to == "rows":
             return map_keys(keys, name, schema, vocab_dir)
         if to == "codes":
@@ -68,12 +77,12 @@ def encode(parsed: Parsed, schema: Schema, to: str = "keys", vocab_dir: str | No
 
     sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int64 if to == "keys" else np.int32)
     for j, name in enumerate(one_hot):
-        sparse[:, j] = ids(name, token_keys(parsed.sparse[name], schema.kind(name)))
+        sparse[:, j] = ids(name, parsed.sparse[name])
     multi = {}
     for name in schema.multi_hot:
         lists = parsed.sparse[name]
         lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int32)
-        multi[name] = (ids(name, token_keys(lists.explode().drop_nulls(), schema.kind(name))), lengths)
+        multi[name] = (ids(name, lists.explode().drop_nulls()), lengths)
     groups = token_keys(parsed.sparse[schema.group], schema.kind(schema.group)) if schema.group else None
     columns = Columns(parsed.labels, transform_dense(parsed.dense, schema.dense_transform), sparse, multi, groups)
     return columns, [uniques[name] for name in schema.sparse if name in uniques]
@@ -89,7 +98,7 @@ def load_uniques(folder: Path) -> list[np.ndarray]:
     return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-_LOOKUPS: dict[tuple[str, str], tuple[pl.Series, pl.Series]] = {}  # per worker process
+_LOOKUPS: dict[tuple[str, str], tuple] = {}  # vocabulary lookups, loaded once per worker process
 
 
 def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None) -> np.ndarray:
@@ -112,13 +121,52 @@ def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None)
     return np.where(missing, MISSING_ID, rows).astype(np.int32, copy=False)
 
 
+PACK_BITS = 48  # (feature, key) pairs with keys in [0, 2**48) pack into one int64: feature << 48 | key
+
+
+def _packed_vocab(vocab_dir: str, schema: Schema) -> tuple[list[str], pl.Series, pl.Series]:
+    """(the features whose vocabulary keys all pack, their packed keys, rows), loaded once per process."""
+    cache_key = (vocab_dir, "<packed>")
+    if cache_key not in _LOOKUPS:
+        names, keys, ids = [], [], []
+        for f, name in enumerate(schema.sparse):
+            sorted_keys, rows = np.load(Path(vocab_dir) / f"{name}.lookup.npy")
+            if schema.kind(name) != "string" and (not len(sorted_keys) or (
+                    sorted_keys[0] >= 0 and sorted_keys[-1] < 1 << PACK_BITS)):  # fmt: skip
+                names.append(name)
+                keys.append((np.int64(f) << PACK_BITS) | sorted_keys)
+                ids.append(rows.astype(np.int32))
+        _LOOKUPS[cache_key] = (names, pl.Series(np.concatenate(keys or [np.zeros(0, np.int64)])),
+                               pl.Series(np.concatenate(ids or [np.zeros(0, np.int32)])))  # fmt: skip
+    return _LOOKUPS[cache_key]
+
+
+def _vocab_rows(uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> dict[str, np.ndarray]:
+    """Each feature's distinct keys -> their table rows. The features whose keys pack are looked up
+    together: one hash lookup per chunk instead of one per feature (each builds its table: 3x the time)."""
+    names, vocab, ids = _packed_vocab(vocab_dir, schema)
+    rows = {name: map_keys(keys, name, schema, vocab_dir)
+            for name, keys in zip(schema.sparse, uniques) if name not in names}  # fmt: skip
+    packable = {schema.sparse.index(name): name for name in names}
+    if packable:
+        keys = [uniques[f] for f in packable]
+        packed = np.concatenate([np.where((k >= 0) & (k < 1 << PACK_BITS), (np.int64(f) << PACK_BITS) | k, -1)
+                                 for f, k in zip(packable, keys)])  # fmt: skip  (-1 matches nothing: OOV)
+        found = pl.Series(packed).replace_strict(vocab, ids, default=OOV_ID, return_dtype=pl.Int32).to_numpy()
+        found = np.where(np.concatenate(keys) == MISSING_KEY, MISSING_ID, found).astype(np.int32)
+        bounds = np.cumsum([0] + [len(k) for k in keys])
+        rows.update({name: found[a:b] for name, a, b in zip(packable.values(), bounds[:-1], bounds[1:])})
+    return rows
+
+
 def map_codes(columns: Columns, uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> Columns:
     """Columns of codes (``encode(..., "codes")``) -> Columns of table rows: each chunk's distinct keys are
-    looked up once, then gathered."""
-    rows = {name: map_keys(keys, name, schema, vocab_dir) for name, keys in zip(schema.sparse, uniques)}
+    looked up once, then all one-hot columns gathered at once."""
+    rows = _vocab_rows(uniques, schema, vocab_dir)
     one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
-    sparse = np.empty(columns.sparse.shape, dtype=np.int32)
-    for j, name in enumerate(one_hot):
-        sparse[:, j] = rows[name][columns.sparse[:, j]]
+    sparse = columns.sparse
+    if one_hot:
+        starts = np.cumsum([0] + [len(rows[n]) for n in one_hot[:-1]])
+        sparse = np.concatenate([rows[n] for n in one_hot])[columns.sparse + starts]
     multi = {name: (rows[name][codes], lengths) for name, (codes, lengths) in columns.multi.items()}
     return Columns(columns.labels, columns.dense, sparse, multi, columns.groups)
