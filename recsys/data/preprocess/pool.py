@@ -7,9 +7,11 @@ import concurrent.futures as cf
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import re
 import select
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from recsys.data.preprocess.base import (
@@ -28,7 +30,8 @@ def plan_workers(settings: Settings, schema: Schema) -> int:
     """Workers that fit ``max_memory_gb`` at the chunk and shard sizes (PreprocessError if none)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     wanted = settings.workers if settings.workers > 0 else cores
-    row_bytes = 1 + 4 * len(schema.dense) + 4 * len(schema.sparse) + 4 * 8 * len(schema.multi_hot) + 8 * bool(schema.group)
+    row_bytes = (1 + 4 * len(schema.dense) + 4 * len(schema.sparse) + 4 * 8 * len(schema.multi_hot)
+                 + 8 * bool(schema.group))
     per_worker = WORKER_BASE_BYTES + max(
         WORKER_BYTES_PER_INPUT_BYTE * settings.chunk_bytes,
         WORKER_BYTES_PER_SHARD_ROW_BYTE * settings.shard_rows * row_bytes,
@@ -83,25 +86,42 @@ def _worker_init(parent: int) -> None:
     _die_with(parent)
 
 
+def _fork_is_safe() -> bool:
+    """True while this process has not started polars' thread pool (threads ``polars-0``, ``polars-1``, ...)
+    or its async runtime (``tokio-*``): both start on first use, not at import (unlike its allocator's and
+    cleaner's threads, which a fork server has too), and a fork copies their state without their threads, so
+    a child would hang on its first parallel operation."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+        names = [Path(f"/proc/self/task/{task}/comm").read_text().strip() for task in tasks]
+    except OSError:
+        return False
+    return not any(re.fullmatch(r"polars-\d+", name) or name.startswith("tokio-") for name in names)
+
+
 class Pool:
     """Runs tasks in worker processes, or inline when there is one worker. Keeps at most 2 tasks per
     worker in flight to bound memory.
 
-    Workers come from a fork server: a plain fork would copy polars' thread pool state without its threads
-    once the parent has used polars, and the child would hang on its first parallel operation. The server
-    imports this package once (no torch: nothing it imports needs it); each worker is then a cheap fork of
-    it sharing those pages.
+    Workers are forks of this process while that is safe (``_fork_is_safe``: a fresh ``recsys preprocess``),
+    forked at once, before any other thread starts; they then start in milliseconds with everything imported.
+    Otherwise (polars already used here: tests, ``recsys predict``) they come from a fork server, which
+    imports this package first (0.3 s; no torch: nothing it imports needs it) and forks each worker from it.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.executor = None
         if workers > 1:
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["recsys.data.preprocess"])
-            multiprocessing.forkserver.ensure_running()
+            fork = _fork_is_safe()
+            context = multiprocessing.get_context("fork" if fork else "forkserver")
+            if not fork:
+                context.set_forkserver_preload(["recsys.data.preprocess"])
+                multiprocessing.forkserver.ensure_running()
             self.executor = cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                                    initargs=(os.getpid(),))
+            if fork:
+                self.executor.submit(int)  # the first task forks every worker: now, while nothing else runs
 
     def imap(self, fn: Callable, ctx: Any, tasks: Iterable) -> Iterator:
         """``fn(ctx, task)`` for each task, yielded in task order, at most 2 tasks per worker in flight."""
