@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -93,7 +94,12 @@ def _quiet() -> Iterator[None]:
 
 
 def load_unsharded(config: Config, checkpoint: str) -> DeepFM:
-    """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint; ``config`` is resolved."""
+    """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint; ``config`` is resolved.
+
+    The MLP computes in float32 whatever ``model.mlp_precision`` trained it (the weights are float32 either
+    way): the serving machine is not the training host (bfloat16 products are fast only with AVX512-BF16 or
+    AMX), and ONNX Runtime has no bfloat16 Gemm on CPU."""
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="float32"))
     wrapper = DeepFMTrain(build_deepfm(config, device="cpu"))
     wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval().requires_grad_(False)

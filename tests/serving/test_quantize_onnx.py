@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,3 +66,15 @@ def test_unknown_quantization_is_refused(serving_run, tmp_path: Path, bad: str) 
 
     with pytest.raises(ExportError, match="must be one of"):
         export_model(serving_run.config, str(tmp_path / "e"), quantize=bad)
+
+
+def test_a_bfloat16_mlp_exports_in_float32_for_onnx_runtime(serving_run, tmp_path: Path) -> None:
+    # The run's weights, from a config whose MLP computed in bfloat16 (model.mlp_precision, `auto` on CPUs
+    # with AVX512-BF16/AMX): ONNX Runtime has no bfloat16 Gemm, so exports compute in float32.
+    config = serving_run.config
+    bf16 = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="bfloat16"))
+    manifest = export_model(bf16, str(tmp_path / "e"), onnx=True)
+    assert manifest["onnx"]["max_abs_error_vs_torchscript"] <= 1e-5
+    dense, values, lengths = _test_rows(serving_run)
+    expected = torch.jit.load(str(serving_run.export / "model.pt")).score_tensors(dense, values, lengths)
+    assert torch.equal(torch.jit.load(str(tmp_path / "e" / "model.pt")).score_tensors(dense, values, lengths), expected)
