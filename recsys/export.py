@@ -54,7 +54,7 @@ from recsys.checkpoint import read_tensors, resolve_checkpoint
 from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
-from recsys.data.shards import ShardedSplit
+from recsys.data.shards import ShardedSplit, read_metadata
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
 from recsys.resolve import resolve_config
 from recsys.serving.modules import LogitModel, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
@@ -109,7 +109,7 @@ def serving_preprocessing(config: Config) -> tuple[dict, Path | None]:
     """(the schema training's data went through, as a dict; the vocabulary folder in vocab mode), from the
     ``metadata.json`` of the shards ``data.train`` names (a resolved config: ``recsys.resolve``)."""
     root = Path(config.data.train).parent
-    schema = schema_from_dict(json.loads((root / "metadata.json").read_text())["schema"])
+    schema = schema_from_dict(read_metadata(root / "metadata.json")["schema"])
     return schema.to_dict(), (root / "vocab" if schema.sparse_mode == "vocab" else None)
 
 

@@ -90,10 +90,11 @@ def _shard_splits(config: Config, paths: dict[str, str]) -> dict[str, str]:
 
 def _from_shards(config: Config, paths: dict[str, str]) -> tuple[list[str], list[str], list[int]]:
     data = config.data
-    metadata = {key: read_metadata(Path(path).parent / "metadata.json") for key, path in paths.items()}
+    files = {key: Path(path).parent / "metadata.json" for key, path in paths.items()}
+    metadata = {file: read_metadata(file) for file in set(files.values())}  # the splits usually share one
     if len({m["fingerprint"] for m in metadata.values()}) > 1:
         raise ConfigError(f"data.train/val/test come from different preprocessing runs: {paths}")
-    meta = metadata["train"]
+    meta = metadata[files["train"]]
     for key, path in paths.items():
         if Path(path).name not in meta["splits"]:
             raise ConfigError(f"data.{key}={path}: the dataset has splits {list(meta['splits'])}")

@@ -49,7 +49,6 @@ from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
-from recsys.plots import write_plots
 from recsys.resolve import resolve_config
 from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
@@ -360,6 +359,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     logger.event("reliability", progress["step"], split=split, **shown.reliability)
     logger.close()
     if env.is_main:
+        from recsys.plots import write_plots  # here: matplotlib is imported (and its backend set) by rank 0 only
+
         write_plots(run_dir)
     return result
 

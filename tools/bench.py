@@ -48,11 +48,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_preprocess import run_measured  # noqa: E402
 
+from recsys.data.synthetic import CRITEO_KAGGLE_VOCAB  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-KAGGLE_CARDINALITIES = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
-    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
-]  # fmt: skip
+KAGGLE_CARDINALITIES = CRITEO_KAGGLE_VOCAB  # recsys.data.synthetic: Criteo Kaggle's table sizes
 SMALL_TABLE_ROWS = 40_000
 REGIMES = {
     "small": [min(n, SMALL_TABLE_ROWS) for n in KAGGLE_CARDINALITIES],

@@ -28,7 +28,8 @@ def multi_hot_arrays(feature: str) -> tuple[str, str]:
 @dataclass
 class Columns:
     """Rows in the shard layout: labels [N] int8, dense [N, Fd] float32, sparse [N, F1] and, per multi-hot
-    feature, values [L] and lengths [N] int32. Ids are int64 keys in chunk parts, int32 rows in shards.
+    feature, values [L] and lengths [N] int32. Ids are int32: codes (vocab mode) or rows (hash mode) in chunk
+    parts, table rows in shards.
     ``groups`` [N] int64: raw keys of the schema's group column (never mapped), or None."""
 
     labels: np.ndarray

@@ -60,6 +60,11 @@ class Schema:
             self.quote = '"' if self.delimiter == "," else ""
 
     @property
+    def one_hot(self) -> list[str]:
+        """The sparse features with one id per row (the columns of ``sparse.npy``), in schema order."""
+        return [name for name in self.sparse if name not in self.multi_hot]
+
+    @property
     def id_columns(self) -> list[str]:
         """Columns parsed as ids: the sparse features, then the group column if it is not one of them."""
         return self.sparse + ([self.group] if self.group and self.group not in self.sparse else [])

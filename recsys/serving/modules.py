@@ -15,13 +15,13 @@ annotations of ``forward``.
 """
 
 import copy
-import math
 from typing import List, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recsys.data.sampling import logit_correction
 from recsys.models.deepfm import DeepFM
 
 
@@ -99,7 +99,7 @@ class ServedModel(nn.Module):
         self.register_buffer("table_rows", torch.tensor(table_rows, dtype=torch.long))
         self.register_buffer("oov_rows", torch.tensor(oov_rows, dtype=torch.long))
         self.register_buffer("invalid_ids", torch.zeros(len(keys), dtype=torch.long))
-        self.log_sampling_rate = math.log(negative_sampling_rate)
+        self.log_sampling_rate = logit_correction(negative_sampling_rate)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """dense [B, F_dense] float, sparse KJT holding every training key (any order; extra keys are
@@ -199,7 +199,7 @@ class OnnxDeepFM(nn.Module):
         self.register_buffer("row_offsets", torch.tensor([starts[table_of[f]] for f in features], dtype=torch.long))
         self.register_buffer("table_rows", torch.tensor(table_rows, dtype=torch.long))
         self.register_buffer("oov_rows", torch.tensor(oov_rows, dtype=torch.long))
-        self.log_sampling_rate = math.log(negative_sampling_rate)
+        self.log_sampling_rate = logit_correction(negative_sampling_rate)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         bag = bag_index(lengths, values.size(0))
@@ -217,7 +217,7 @@ class OnnxDenseDeepFM(nn.Module):
     def __init__(self, model: DeepFM, negative_sampling_rate: float) -> None:
         super().__init__()
         self.deepfm = _with_sparse_arch(model, _PooledInput())
-        self.log_sampling_rate = math.log(negative_sampling_rate)
+        self.log_sampling_rate = logit_correction(negative_sampling_rate)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.deepfm(clean_dense(dense), pooled) + self.log_sampling_rate)

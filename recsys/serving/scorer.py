@@ -33,7 +33,7 @@ class Scorer:
 
     ``score(rows)`` runs training's parse and transforms on raw rows and returns click probabilities;
     ``last`` describes the last call (rows, bad rows by kind with examples, ids on the OOV row per
-    feature); ``invalid_ids()`` counts ids the model put on the OOV row because they were out of range.
+    feature); ``model.invalid_ids`` counts ids the model put on the OOV row because they were out of range.
 
     Args:
         export_dir: a folder written by ``recsys export``.
@@ -107,7 +107,3 @@ class Scorer:
             dense = torch.from_numpy(part.dense)
             out[lo : lo + len(part)] = self.model.score_tensors(dense, values, lengths.view(len(self.keys), -1)).numpy()
         return out
-
-    def invalid_ids(self) -> dict[str, int]:
-        """Per feature, ids the model put on the OOV row because they were negative or out of range."""
-        return dict(zip(self.keys, self.model.invalid_ids.tolist()))

@@ -98,7 +98,7 @@ def oov_counts(columns: Columns, schema: Schema) -> np.ndarray:
     """[F_sparse] ids on the OOV row per feature (vocab mode; hashed features have no OOV row)."""
     if schema.sparse_mode != "vocab":
         return np.zeros(len(schema.sparse), dtype=np.int64)
-    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
+    one_hot = schema.one_hot
     counts = {name: int((columns.sparse[:, j] == OOV_ID).sum()) for j, name in enumerate(one_hot)}
     counts.update({name: int((values == OOV_ID).sum()) for name, (values, _) in columns.multi.items()})
     return np.array([counts[name] for name in schema.sparse], dtype=np.int64)

@@ -50,32 +50,31 @@ def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return encoded.indices.to_numpy(), encoded.dictionary.to_numpy()
 
 
-def encode(parsed: Parsed, schema: Schema, to: str = "keys", vocab_dir: str | None = None
+def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
            ) -> tuple[Columns, list[np.ndarray]]:  # fmt: skip
     """Parsed rows -> (Columns, uniques). The ids become, per feature (one contiguous column at a time):
 
-    - ``keys``: int64 keys (``token_keys``);
-    - ``rows``: int32 table rows (``map_keys``: hash mode, or vocab mode with ``vocab_dir``);
     - ``codes``: int32 codes into the feature's distinct keys (``factorize``), which ``uniques`` lists in
-      ``schema.sparse`` order (empty otherwise).
+      ``schema.sparse`` order;
+    - ``rows``: int32 table rows: hash mode's rule cell by cell; vocab mode through the codes, each distinct
+      key looked up once in the vocabularies of ``vocab_dir`` (``map_codes``). ``uniques`` is then empty.
     """
-    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
+    if to == "rows" and schema.sparse_mode == "vocab":
+        return map_codes(*encode(parsed, schema, "codes"), schema, vocab_dir), []
+    one_hot = schema.one_hot
     uniques: dict[str, np.ndarray] = {}
 
     def ids(name: str, tokens: pl.Series) -> np.ndarray:
         kind = schema.kind(name)
-        if to == "rows" and schema.sparse_mode == "hash" and kind != "string":
+        if to == "codes":
+            codes, uniques[name] = factorize(token_keys(tokens, kind))
+            return codes
+        if kind != "string":
             # map_keys' rule (id mod buckets, floor mod as numpy's; missing -> 0) in one polars pass: 2x faster
             return (tokens % schema.buckets(name)).fill_null(0).cast(pl.Int32).to_numpy()
-        keys = token_keys(tokens, kind)
-        if to == "rows":
-            return map_keys(keys, name, schema, vocab_dir)
-        if to == "codes":
-            codes, uniques[name] = factorize(keys)
-            return codes
-        return keys
+        return map_keys(token_keys(tokens, kind), name, schema, vocab_dir)
 
-    sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int64 if to == "keys" else np.int32)
+    sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int32)
     for j, name in enumerate(one_hot):
         sparse[:, j] = ids(name, parsed.sparse[name])
     multi = {}
@@ -130,9 +129,10 @@ def _packed_vocab(vocab_dir: str, schema: Schema) -> tuple[list[str], pl.Series,
     if cache_key not in _LOOKUPS:
         names, keys, ids = [], [], []
         for f, name in enumerate(schema.sparse):
+            if schema.kind(name) == "string":  # 64-bit hashes: never packable
+                continue
             sorted_keys, rows = np.load(Path(vocab_dir) / f"{name}.lookup.npy")
-            if schema.kind(name) != "string" and (not len(sorted_keys) or (
-                    sorted_keys[0] >= 0 and sorted_keys[-1] < 1 << PACK_BITS)):  # fmt: skip
+            if not len(sorted_keys) or (sorted_keys[0] >= 0 and sorted_keys[-1] < 1 << PACK_BITS):
                 names.append(name)
                 keys.append((np.int64(f) << PACK_BITS) | sorted_keys)
                 ids.append(rows.astype(np.int32))
@@ -163,7 +163,7 @@ def map_codes(columns: Columns, uniques: list[np.ndarray], schema: Schema, vocab
     """Columns of codes (``encode(..., "codes")``) -> Columns of table rows: each chunk's distinct keys are
     looked up once, then all one-hot columns gathered at once."""
     rows = _vocab_rows(uniques, schema, vocab_dir)
-    one_hot = [n for n in schema.sparse if n not in schema.multi_hot]
+    one_hot = schema.one_hot
     sparse = columns.sparse
     if one_hot:
         starts = np.cumsum([0] + [len(rows[n]) for n in one_hot[:-1]])

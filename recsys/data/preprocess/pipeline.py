@@ -101,7 +101,7 @@ def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
         idx = np.flatnonzero(split == s)
         if ctx.settings.shuffle:
             idx = np.random.default_rng([ctx.settings.seed, 5, chunk.source, chunk.index, s]).permutation(idx)
-        taken = columns.take(idx)
+        taken = columns if len(idx) == len(columns) and not ctx.settings.shuffle else columns.take(idx)
         if vocab and name == "train":
             write_chunk_counts(columns, taken, uniques, parsed, ctx.schema, tmp)
         if len(idx):

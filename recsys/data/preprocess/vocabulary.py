@@ -49,19 +49,16 @@ MERGE_BYTES_PER_ENTRY = 224
 
 
 def _buckets(features: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """[N] bucket of each (feature, key): the top bits of a 64-bit mix (splitmix64's finalizer)."""
-    with np.errstate(over="ignore"):
-        z = keys.view(np.uint64) ^ (features.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(64 - BUCKET_BITS)).astype(np.int64)
+    """[N] bucket of each (feature, key): the top bits of polars' row hash (fixed seed; the polars version is
+    part of the run's fingerprint, so every chunk of a run buckets alike)."""
+    hashes = pl.DataFrame({"feature": features, "key": keys}).hash_rows(seed=0).to_numpy()
+    return (hashes >> np.uint64(64 - BUCKET_BITS)).astype(np.int64)
 
 
 def _codes(columns: Columns, schema: Schema, feature: str) -> np.ndarray:
     if feature in schema.multi_hot:
         return columns.multi[feature][0]
-    return columns.sparse[:, [n for n in schema.sparse if n not in schema.multi_hot].index(feature)]
+    return columns.sparse[:, schema.one_hot.index(feature)]
 
 
 def write_chunk_counts(chunk: Columns, train: Columns, uniques: list[np.ndarray], parsed: Parsed, schema: Schema,
@@ -96,8 +93,7 @@ def write_chunk_counts(chunk: Columns, train: Columns, uniques: list[np.ndarray]
 
 @dataclass
 class MergeTask:
-    buckets: tuple[int, int]  # [first, last)
-    parts: list[str]  # chunk part folders holding counts
+    slices: list[tuple[str, int, int]]  # (chunk part folder, first entry, end): its counts in this bucket run
     rows_per_task: int  # entries merged at once (the memory bound)
     min_count: int
 
@@ -127,17 +123,13 @@ def _group(pieces: list[Counts]) -> Counts:
 
 
 def merge_task(ctx: Context, task: MergeTask) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Sums the counts of ``task.buckets`` over the chunks; returns the kept tokens (features, keys, counts)
+    """Sums the counts of a run of buckets over the chunks; returns the kept tokens (features, keys, counts)
     and the number of distinct tokens per feature."""
-    first, last = task.buckets
     pieces: list[Counts] = [(np.zeros(0, np.uint16), np.zeros(0, np.int64), np.zeros(0, np.int64))]
     pending = 0
-    for part in map(Path, task.parts):
-        offsets = np.load(part / "counts.offsets.npy")
-        start, stop = int(offsets[first]), int(offsets[last])
-        if stop > start:
-            pieces.append(tuple(_read_slice(part / f"counts.{a}.npy", start, stop) for a in COUNT_ARRAYS))
-            pending += stop - start
+    for part, start, stop in task.slices:
+        pieces.append(tuple(_read_slice(Path(part) / f"counts.{a}.npy", start, stop) for a in COUNT_ARRAYS))
+        pending += stop - start
         if pending >= task.rows_per_task:  # compact: the merged table only grows by new tokens
             pieces, pending = [_group(pieces)], 0
     features, keys, counts = _group(pieces)
@@ -153,9 +145,10 @@ def merge_budget(max_memory_gb: float, workers: int) -> int:
 
 def plan_merge(parts: list[Path], workers: int, budget_bytes: int, min_count: int) -> list[MergeTask]:
     """Runs of buckets holding at most ``rows_per_task`` chunk entries each, and at least ``workers`` runs."""
-    per_bucket = np.zeros(BUCKETS, dtype=np.int64)
-    for part in parts:
-        per_bucket += np.diff(np.load(part / "counts.offsets.npy"))
+    offsets = np.zeros((len(parts), BUCKETS + 1), dtype=np.int64)  # [part, bucket]: where its counts start
+    for row, part in zip(offsets, parts):
+        row[:] = np.load(part / "counts.offsets.npy")
+    per_bucket = np.diff(offsets, axis=1).sum(axis=0)
     rows_per_task = max(1 << 16, budget_bytes // MERGE_BYTES_PER_ENTRY)
     target = max(1, min(rows_per_task, -(-int(per_bucket.sum()) // max(1, workers))))
     tasks, first, rows = [], 0, 0
@@ -165,8 +158,8 @@ def plan_merge(parts: list[Path], workers: int, budget_bytes: int, min_count: in
             first, rows = bucket, 0
         rows += n
     tasks.append((first, BUCKETS))
-    names = [str(p) for p in parts]
-    return [MergeTask(span, names, rows_per_task, min_count) for span in tasks]
+    return [MergeTask([(str(part), int(o[a]), int(o[b])) for part, o in zip(parts, offsets) if o[b] > o[a]],
+                      rows_per_task, min_count) for a, b in tasks]  # fmt: skip
 
 
 def _strings(parts: list[Path], feature: int, keys: np.ndarray) -> pl.Series:

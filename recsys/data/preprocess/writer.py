@@ -113,7 +113,7 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
         path = tmp / f"{array}.npy"
         np.save(path, values)
         checksums[path.name] = file_checksum(path)
-    one_hot = [n for n in ctx.schema.sparse if n not in ctx.schema.multi_hot]
+    one_hot = ctx.schema.one_hot
     record = {"name": final.name, "rows": task.rows, "fingerprint": task.fingerprint, "checksums": checksums,
               "positives": int(columns.labels.sum(dtype=np.int64)),
               "max_ids": max_ids(one_hot, columns.sparse, {n: v for n, (v, _) in columns.multi.items()})}
@@ -187,7 +187,7 @@ def write_shards(ctx: Context, pool: Pool, results: list[ChunkResult], fp: str, 
         splits[split] = {
             "rows": sum(r["rows"] for r in shards),
             "positives": sum(r["positives"] for r in shards),
-            "shards": [{k: r[k] for k in ("name", "rows", "positives", "checksums")} for r in shards],
+            "shards": [{k: r[k] for k in ("name", "rows", "positives", "checksums", "max_ids")} for r in shards],
             "reused_shards": sum(bool(r.get("reused")) for r in shards),
         }
     return splits
