@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="output folder (default: <run_dir>/export)")
     ex.add_argument("--quantize", choices=["int8", "int4"], default=None,
                     help="store the tables as FBGEMM row-wise int8 or int4 (TorchRec QuantEmbeddingBagCollection; "
-                    "both have CPU kernels); reports size and test AUC against fp32")
+                    "both have CPU kernels) and the MLP's weights as int8; reports size and test AUC against fp32")
     ex.add_argument("--onnx", action="store_true",
                     help="also write OUT/model.onnx (whole model, or the dense part when the tables exceed 1 GiB), "
                     "checked with onnxruntime against TorchScript")

@@ -18,14 +18,15 @@ The folder holds everything needed to score raw logs without the training data o
 
 ``torchrec.fx.symbolic_trace`` traces the model (KeyedJaggedTensor stays a leaf) and TorchScript compiles
 it. ``quantize`` swaps the tables for TorchRec's ``QuantEmbeddingBagCollection`` (FBGEMM row-wise int8 or
-int4 with an fp16 scale and bias per row) via ``torchrec.inference.modules.quantize_inference_model``.
+int4 with an fp16 scale and bias per row) via ``torchrec.inference.modules.quantize_inference_model``, after
+cutting them to the columns the model reads, and the MLP's weights for int8
+(``recsys.serving.modules.compact_for_quantization``).
 Full tables must fit in the exporting host's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -57,13 +58,16 @@ from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, read_metadata
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
 from recsys.resolve import resolve_config
-from recsys.serving.modules import LogitModel, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
+from recsys.serving.modules import LogitModel, compact_for_quantization, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 # FBGEMM's row-wise formats with CPU kernels in fbgemm-gpu-cpu 1.8 (both checked: tests/serving/test_quantize_onnx.py).
 QUANTIZE = {"int8": torch.int8, "int4": torch.quint4x2}
+# Columns a quantized row's width must be a multiple of: its packed bytes must be even ("ncols needs to be
+# multiple of 2 Bytes" before the fp16 scale and bias).
+QUANT_COLUMN_MULTIPLE = {"int8": 2, "int4": 4}
 # Rows are packed without alignment padding: the CPU kernels read unaligned rows, and int4 rows of a
 # 12-wide table take 10 bytes instead of TorchRec's default 16 (CUDA serving re-shards with 16-byte rows).
 QUANT_ROW_ALIGNMENT = 1
@@ -151,9 +155,8 @@ def script_model(model: DeepFM, serving: dict, quantize: str | None = None) -> t
 
     ``serving``: the manifest's ``features``, ``preprocessing.ids`` and ``negative_sampling_rate``.
     """
-    logits = LogitModel(model)
+    logits = LogitModel(compact_for_quantization(model, QUANT_COLUMN_MULTIPLE[quantize]) if quantize else model)
     if quantize:
-        logits = copy.deepcopy(logits)
         quant_prep_customize_row_alignment(logits, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
         logits = quantize_inference_model(logits, quantization_dtype=QUANTIZE[quantize])
     features, ids = serving["features"], serving["preprocessing"]["ids"]

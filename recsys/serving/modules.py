@@ -6,6 +6,8 @@
   (C++ libtorch). Both clean their inputs the way training's preprocessing would have (see
   :func:`clean_dense`, :func:`fix_ids`), return ``[B]`` click probabilities and apply the calibration for
   negative downsampling.
+* :func:`compact_for_quantization` -- the copy of DeepFM that ``recsys export --quantize`` hands to TorchRec's
+  quantization: tables cut to the columns the model reads and an int8 MLP (:class:`Int8DeepArch`).
 * :class:`OnnxDeepFM` / :class:`OnnxDenseDeepFM` -- the same computation in operators ONNX has: the tables
   as one stacked ``[rows, W]`` tensor pooled by gather + ``index_add`` (ONNX ``ScatterND``), or, when the
   tables are too large for one ONNX file, only the dense part over already-pooled field vectors.
@@ -15,14 +17,17 @@ annotations of ``forward``.
 """
 
 import copy
+import dataclasses
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.sampling import logit_correction
-from recsys.models.deepfm import DeepFM
+from recsys.models.deepfm import DeepArch, DeepFM, Dropout, SparseArch
 
 
 def clean_dense(dense: torch.Tensor) -> torch.Tensor:
@@ -144,6 +149,83 @@ class ServedModel(nn.Module):
             self.invalid_ids += torch.bincount(feature[invalid], minlength=num_sparse)
         sparse = KeyedJaggedTensor(keys=self.keys, values=ids, lengths=lengths.reshape(-1).int())
         return torch.sigmoid(self.logits(clean_dense(dense.float()), sparse) + self.log_sampling_rate)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with its weight stored in int8: one symmetric scale per output row (max |w| / 127),
+    dequantized at each call; the bias and the product stay float32.
+
+    Hand-written: torch.ao's quantized modules are deprecated (their tensor types are to be removed,
+    pytorch/pytorch#184982) and TorchRec quantizes only tables. Weight-only, so activations keep float32
+    precision and any CPU runs it. Call args: x [B, in] -> [B, out].
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach()
+        scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        # Frozen parameters, not buffers: torch.fx folds arithmetic on buffers into float32 constants.
+        self.weight = nn.Parameter(torch.round(weight / scale).to(torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.float() * self.scale, self.bias)
+
+
+class Int8DeepArch(nn.Module):
+    """DeepArch for quantized exports, its Linear layers as :class:`Int8Linear`.
+
+    The training first layer is split by field group (``DeepArch``); here it is one layer over
+    ``[pooled rows | dense]`` with the dense field vectors folded into its weights (constants once trained).
+    Dropout (identity at inference) is left out.
+
+    Args:
+        deep_arch: the trained DeepArch (float32 products). dense_vectors: [F_dense, D] the dense fields'
+        vectors. width: W, the columns of the pooled rows it will read (D field columns, then unused ones).
+
+    Call args (as DeepArch): sparse_rows [B, F_sparse, W], dense [B, F_dense], dense_vectors (ignored: folded).
+
+    Returns:
+        [B] logits.
+    """
+
+    def __init__(self, deep_arch: DeepArch, dense_vectors: torch.Tensor, width: int) -> None:
+        super().__init__()
+        hidden, num_sparse, dim = deep_arch.sparse_weight.shape
+        first = nn.Linear(num_sparse * width + deep_arch.dense_weight.size(1), hidden)
+        with torch.no_grad():
+            sparse_weight = F.pad(deep_arch.sparse_weight, (0, width - dim)).flatten(start_dim=1)
+            first.weight.copy_(torch.cat([sparse_weight, (deep_arch.dense_weight * dense_vectors).sum(dim=2)], dim=1))
+            first.bias.copy_(deep_arch.bias)
+        layers = [first, *(copy.deepcopy(block) for block in deep_arch.mlp if not isinstance(block, Dropout))]
+        self.mlp = nn.Sequential(*(Int8Linear(layer) if isinstance(layer, nn.Linear) else layer for layer in layers))
+
+    def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([sparse_rows.flatten(start_dim=1), dense], dim=1)).squeeze(-1)
+
+
+def compact_for_quantization(model: DeepFM, column_multiple: int) -> DeepFM:
+    """A copy of ``model`` for TorchRec's table quantization: the same function (up to the MLP's int8
+    rounding) in fewer bytes.
+
+    * Tables keep the columns the model reads, ``[v (D) | w (1)]``, plus padding up to a multiple of
+      ``column_multiple`` (FBGEMM's quantized rows need an even number of bytes before their fp16 scale and
+      bias: 2 columns for int8, 4 for int4) instead of training's multiple of 4 (``table_width``): int8 rows
+      of D = 16 take 18 + 4 bytes, not 20 + 4.
+    * The MLP is :class:`Int8DeepArch`.
+    """
+    ebc = model.sparse_arch.embedding_bag_collection
+    width = -(-(model.embedding_dim + 1) // column_multiple) * column_multiple
+    configs = [dataclasses.replace(c, embedding_dim=width) for c in ebc.embedding_bag_configs()]
+    compact = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
+    compact.load_state_dict(
+        {f"embedding_bags.{c.name}.weight": ebc.embedding_bags[c.name].weight[:, : c.embedding_dim].contiguous() for c in configs},
+        assign=True,
+    )  # fmt: skip
+    sparse_arch = SparseArch(compact, model.sparse_arch.feature_names)
+    deep_arch = Int8DeepArch(model.deep_arch, model.dense_arch.field_vectors.detach(), width)
+    return copy.deepcopy(model, memo={id(model.sparse_arch): sparse_arch, id(model.deep_arch): deep_arch})
 
 
 class _StackedTables(nn.Module):

@@ -24,10 +24,14 @@ def test_int8_and_int4_tables_through_torchrec_quantization(serving_run, tmp_pat
     config, out = serving_run.config, tmp_path / "export"
     int8 = export_model(config, str(out), quantize="int8")["quantization"]
     assert int8["fp32_bytes"] == pytest.approx((serving_run.export / "model.pt").stat().st_size, rel=1e-2)
-    # FBGEMM int8 rows: 12 bytes + a 4-byte fp16 scale and bias, against 48 fp32 bytes: at most 3x here.
+    # D = 10: FBGEMM int8 rows of 12 columns (10 + first-order + 1 to make them even) + a 4-byte fp16 scale
+    # and bias, against 48 fp32 bytes: at most 3x here (D = 16: tests/serving/test_modules.py).
     assert 2.5 < int8["size_ratio"] <= 3.0 and int8["auc_drop"] <= 0.001, int8
-    tables = {k: v for k, v in torch.jit.load(str(out / "model.pt")).state_dict().items() if k.endswith("weights_host")}
+    state = torch.jit.load(str(out / "model.pt")).state_dict()
+    tables = {k: v for k, v in state.items() if k.endswith("weights_host")}
     assert tables and all(v.dtype == torch.uint8 for v in tables.values())  # QuantEmbeddingBagCollection's TBE
+    mlp = {k: v for k, v in state.items() if ".deep_arch.mlp." in k and k.endswith(".weight")}
+    assert mlp and all(v.dtype == torch.int8 for v in mlp.values())
     lines = (serving_run.raw / "test.tsv").read_text().splitlines()[:200]
     fp32_scores = load(serving_run.export).score(lines)
     assert np.abs(load(out).score(lines) - fp32_scores).max() < 0.01
