@@ -431,26 +431,29 @@ def _prune(fs: fsspec.AbstractFileSystem, root: str, keep_last: int, latest: str
 
 
 def load_checkpoint(
-    path: str, model: nn.Module, optimizer: CombinedOptimizer, global_batch_size: int | None = None
+    path: str, model: nn.Module, optimizer: CombinedOptimizer | None, global_batch_size: int | None = None
 ) -> dict[str, int | float]:
     """Loads a checkpoint in place into ``model`` and ``optimizer`` and returns the saved progress (ints
     and floats as saved).
 
+    ``optimizer`` None: the model's weights only, for evaluation (the optimizer's state, as large as the
+    tables under exact Adagrad, is not read).
     ``global_batch_size`` (``data.batch_size``) must equal the saved one when given: the data position
     is a global batch index, meaningful only for the global batch it was counted in.
     """
-    _init_lazy_optimizer_state(optimizer)
     saved = _reader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "progress": {
             key.split(".", 1)[1]: torch.empty(meta.size, dtype=meta.properties.dtype)
             for key, meta in saved.items()
             if key.startswith("progress.")
         },
     }
-    dcp.load(state, storage_reader=_reader(path))
+    if optimizer is not None:
+        _init_lazy_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.state_dict()
+    dcp.load(state, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=optimizer is None))
     progress = {k: v.item() for k, v in state["progress"].items()}
     saved_batch = progress.get("global_batch_size")
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
@@ -461,7 +464,8 @@ def load_checkpoint(
             f"batch: set data.batch_size={saved_batch}"
         )
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     # A rank beyond the saving world size has no RNG state to restore; it still joins the collective load.
     rng_key = f"rng_rank{_rank()}"
     rng: dict[str, Any] = {rng_key: torch.empty(saved[rng_key].size, dtype=torch.uint8)} if rng_key in saved else {}

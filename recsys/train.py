@@ -198,7 +198,7 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     """Metrics of a checkpoint of ``training.run_dir`` (``latest``, ``best``, a path; by default the best
     if early stopping marked one, else the latest) on the val or test split."""
     job = build_job(config)
-    load_checkpoint(resolve_checkpoint(job.config.training.run_dir, checkpoint), job.model, job.optimizer)
+    load_checkpoint(resolve_checkpoint(job.config.training.run_dir, checkpoint), job.model, optimizer=None)
     data = getattr(job.splits, split)
     if data is None:
         raise ValueError(f"data.{split} is not set")
@@ -345,8 +345,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
 
     logger.event("stop", progress["step"], **stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps))
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):
-        # The final metrics are the best model's, as eval and export see it.
-        progress["step"] = int(load_checkpoint(best_checkpoint(run_dir), dmp, optimizer)["step"])
+        # The final metrics are the best model's, as eval and export see it (training is over: weights only).
+        progress["step"] = int(load_checkpoint(best_checkpoint(run_dir), dmp, optimizer=None)["step"])
         last_val = None
     final = {"val": last_val or run_eval("val", splits.val)}
     if splits.test is not None:

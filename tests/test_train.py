@@ -8,7 +8,10 @@ import pytest
 import yaml
 
 from recsys.config import Config, config_from_dict
-from recsys.train import evaluate_checkpoint, train
+import torch
+
+from recsys.checkpoint import latest_checkpoint, load_checkpoint, read_tensors
+from recsys.train import build_job, evaluate_checkpoint, train
 
 
 def make_config(shards: Path, run_dir: Path, *overrides: str) -> Config:
@@ -59,6 +62,34 @@ def test_eval_command_reads_latest_checkpoint(synthetic_shards: Path, tmp_path: 
     config = make_config(synthetic_shards, tmp_path / "run", "training.max_steps=3")
     trained = train(config)
     assert evaluate_checkpoint(config, "test") == pytest.approx(trained["test"])
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This rank's tensor of a (one-process) ShardedTensor, or the tensor itself."""
+    return value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
+
+
+def _optimizer_state(optimizer) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {f"{param}.{name}": _local(t).clone() for param, s in state.items() for name, t in s.items()
+            if isinstance(t, torch.Tensor)}  # fmt: skip
+
+
+def test_weights_only_load_leaves_the_optimizer_untouched(synthetic_shards: Path, tmp_path: Path) -> None:
+    # What eval and the end of training (best model) use: the optimizer's state is neither read nor set.
+    config = make_config(synthetic_shards, tmp_path / "run", "training.max_steps=3")
+    train(config)
+    path = latest_checkpoint(str(tmp_path / "run"))
+    job = build_job(config)
+    fresh = _optimizer_state(job.optimizer)  # the fused tables' Adagrad state exists from the start
+    assert fresh and load_checkpoint(path, job.model, optimizer=None)["step"] == 3
+    saved = read_tensors(path)
+    loaded = {k: _local(v) for k, v in job.model.state_dict().items()}
+    assert loaded.keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in loaded.items())
+    assert _optimizer_state(job.optimizer).keys() == fresh.keys()
+    assert all(torch.equal(v, fresh[k]) for k, v in _optimizer_state(job.optimizer).items())
+    load_checkpoint(path, job.model, job.optimizer)  # the full load does set it
+    assert not all(torch.equal(v, fresh[k]) for k, v in _optimizer_state(job.optimizer).items() if k in fresh)
 
 
 def test_sparse_adam_on_cpu_is_refused_clearly(synthetic_shards: Path, tmp_path: Path) -> None:
