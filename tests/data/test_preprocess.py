@@ -135,6 +135,27 @@ def test_shuffle_permutes_rows_within_each_split(tmp_path):
     np.testing.assert_array_equal(ra[np.lexsort(ra.T)], rb[np.lexsort(rb.T)])
 
 
+def test_shuffled_vocab_shards_look_each_part_up_once(tmp_path, monkeypatch):
+    # With --shuffle every chunk part feeds every shard of its splits: its distinct keys must be looked up
+    # in the vocabularies once, not once per shard (13 parts x 7 shards here).
+    from recsys.data.preprocess import encode
+
+    lookups, vocab_rows = [], encode.vocab_rows
+    monkeypatch.setattr(encode, "vocab_rows", lambda *args: lookups.append(args) or vocab_rows(*args))
+    path = write_lines(tmp_path / "day.tsv", criteo_lines())
+    schema = load_schema("criteo", {"min_count": 2})
+    kwargs = dict(split="random", chunk_bytes=30_000, shard_rows=256, workers=1)
+    mixed = preprocess(tmp_path / "mixed", [path], schema, shuffle=True, **kwargs)
+    assert len(lookups) == mixed["chunks"]["computed"] == 13
+    plain = preprocess(tmp_path / "plain", [path], schema, **kwargs)
+    for split in ("train", "val", "test"):  # the same rows, in another order
+        a, b = read_split(tmp_path / "plain", split), read_split(tmp_path / "mixed", split)
+        rows = lambda arrays: np.column_stack([arrays["labels"], arrays["dense"].view(np.int32), arrays["sparse"]])  # noqa: E731
+        ra, rb = rows(a), rows(b)
+        assert not np.array_equal(ra, rb)
+        np.testing.assert_array_equal(ra[np.lexsort(ra.T)], rb[np.lexsort(rb.T)])
+
+
 def test_gzip_input_equals_plain_input(tmp_path):
     lines = criteo_lines()
     plain = write_lines(tmp_path / "day.tsv", lines)

@@ -7,6 +7,7 @@ the rows are half the bytes."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +58,12 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
     - ``codes``: int32 codes into the feature's distinct keys (``factorize``), which ``uniques`` lists in
       ``schema.sparse`` order;
     - ``rows``: int32 table rows: hash mode's rule cell by cell; vocab mode through the codes, each distinct
-      key looked up once in the vocabularies of ``vocab_dir`` (``map_codes``). ``uniques`` is then empty.
+      key looked up once in the vocabularies of ``vocab_dir`` (``vocab_rows``, ``map_codes``). ``uniques``
+      is then empty.
     """
     if to == "rows" and schema.sparse_mode == "vocab":
-        return map_codes(*encode(parsed, schema, "codes"), schema, vocab_dir), []
+        columns, uniques = encode(parsed, schema, "codes")
+        return map_codes(columns, vocab_rows(uniques, schema, vocab_dir), schema), []
     one_hot = schema.one_hot
     uniques: dict[str, np.ndarray] = {}
 
@@ -92,9 +95,25 @@ def save_uniques(folder: Path, uniques: list[np.ndarray]) -> None:
     np.save(folder / "uniques.offsets.npy", np.cumsum([0] + [len(u) for u in uniques]))
 
 
-def load_uniques(folder: Path) -> list[np.ndarray]:
-    values, offsets = np.load(folder / "uniques.npy"), np.load(folder / "uniques.offsets.npy")
+def load_uniques(folder: Path, values_file: str = "uniques.npy") -> list[np.ndarray]:
+    """A chunk part's distinct keys per feature, or with ``values_file="uniques.rows.npy"`` their table rows
+    (``save_part_rows``), in ``schema.sparse`` order."""
+    values, offsets = np.load(folder / values_file), np.load(folder / "uniques.offsets.npy")
     return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def save_part_rows(folder: Path, schema: Schema, vocab_dir: str) -> None:
+    """Looks a chunk part's distinct keys up in the vocabularies once, into ``uniques.rows.npy`` (int32,
+    the offsets of ``uniques.npy``): every shard the part feeds gathers from it, and with ``--shuffle`` a
+    part feeds every shard of its splits. Kept if present (written atomically; the work folder belongs to
+    one fingerprint, so to one vocabulary)."""
+    target = folder / "uniques.rows.npy"
+    if target.exists():
+        return
+    rows = vocab_rows(load_uniques(folder), schema, vocab_dir)
+    tmp = folder / ".uniques.rows.tmp.npy"
+    np.save(tmp, np.concatenate(rows))
+    os.replace(tmp, target)
 
 
 _LOOKUPS: dict[tuple[str, str], tuple] = {}  # vocabulary lookups, loaded once per worker process
@@ -141,9 +160,10 @@ def _packed_vocab(vocab_dir: str, schema: Schema) -> tuple[list[str], pl.Series,
     return _LOOKUPS[cache_key]
 
 
-def _vocab_rows(uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> dict[str, np.ndarray]:
-    """Each feature's distinct keys -> their table rows. The features whose keys pack are looked up
-    together: one hash lookup per chunk instead of one per feature (each builds its table: 3x the time)."""
+def vocab_rows(uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> list[np.ndarray]:
+    """Each feature's distinct keys -> their table rows (both in ``schema.sparse`` order). The features
+    whose keys pack are looked up together: one hash lookup per chunk instead of one per feature (each
+    builds its table: 3x the time)."""
     names, vocab, ids = _packed_vocab(vocab_dir, schema)
     rows = {name: map_keys(keys, name, schema, vocab_dir)
             for name, keys in zip(schema.sparse, uniques) if name not in names}  # fmt: skip
@@ -156,13 +176,13 @@ def _vocab_rows(uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> di
         found = np.where(np.concatenate(keys) == MISSING_KEY, MISSING_ID, found).astype(np.int32)
         bounds = np.cumsum([0] + [len(k) for k in keys])
         rows.update({name: found[a:b] for name, a, b in zip(packable.values(), bounds[:-1], bounds[1:])})
-    return rows
+    return [rows[name] for name in schema.sparse]
 
 
-def map_codes(columns: Columns, uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> Columns:
-    """Columns of codes (``encode(..., "codes")``) -> Columns of table rows: each chunk's distinct keys are
-    looked up once, then all one-hot columns gathered at once."""
-    rows = _vocab_rows(uniques, schema, vocab_dir)
+def map_codes(columns: Columns, rows: list[np.ndarray], schema: Schema) -> Columns:
+    """Columns of codes (``encode(..., "codes")``) -> Columns of table rows, given the table rows of the
+    chunk's distinct keys (``vocab_rows``, in ``schema.sparse`` order): all one-hot columns gathered at once."""
+    rows = dict(zip(schema.sparse, rows))
     one_hot = schema.one_hot
     sparse = columns.sparse
     if one_hot:

@@ -18,8 +18,9 @@ Pipeline, per run (``OUT`` is the output folder):
    ``OUT/vocab/<feature>.parquet`` (token, count in id order; id 0 = missing, 1 = out of vocabulary or
    rarer than ``min_count``, then by count).
 4. *Shard*: each split becomes shards of ``shard_rows`` rows ``OUT/<split>/part-NNNNN/`` in the layout of
-   ``recsys.data.layout``; vocab mode maps keys to ids here. A shard gathers a contiguous run of rows from
-   every part. With ``shuffle``, how many rows each part gives each shard is drawn from a
+   ``recsys.data.layout``. Vocab mode first looks each part's distinct keys up once
+   (``parts/<chunk>/uniques.rows.npy``); its shards gather ids through them. A shard gathers a contiguous
+   run of rows from every part. With ``shuffle``, how many rows each part gives each shard is drawn from a
    multivariate hypergeometric law, and rows are permuted within parts and shards: together a uniformly
    random global permutation, in memory of one shard.
 5. ``OUT/metadata.json`` is written last (temp + rename): its presence marks a complete output. It records

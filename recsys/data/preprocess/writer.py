@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from recsys.data.layout import Columns, file_checksum, max_ids, multi_hot_arrays
 from recsys.data.preprocess.base import PreprocessError, write_json_atomic
-from recsys.data.preprocess.encode import load_uniques, map_codes
+from recsys.data.preprocess.encode import load_uniques, map_codes, save_part_rows
 from recsys.data.preprocess.parse import ChunkResult
 from recsys.data.preprocess.pool import Pool
 from recsys.data.preprocess.sources import Context
@@ -97,7 +97,7 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     grouped = bool(ctx.schema.group)
     pieces = [_read_segment(Path(p), task.split, s, n, multi, grouped) for p, s, n in task.segments]
     if ctx.schema.sparse_mode == "vocab":
-        pieces = [map_codes(piece, load_uniques(Path(part)), ctx.schema, ctx.vocab_dir)
+        pieces = [map_codes(piece, load_uniques(Path(part), "uniques.rows.npy"), ctx.schema)
                   for piece, (part, _, _) in zip(pieces, task.segments)]  # fmt: skip
     columns = _concat(pieces)
     del pieces
@@ -149,8 +149,14 @@ def shard_plan(counts: list[int], shard_rows: int, shuffle: bool, seed: list[int
     return plan
 
 
+def part_rows_task(ctx: Context, part: str) -> None:
+    save_part_rows(Path(part), ctx.schema, ctx.vocab_dir)
+
+
 def write_shards(ctx: Context, pool: Pool, results: list[ChunkResult], fp: str, out: Path) -> dict:
     work = Path(ctx.work)
+    if ctx.schema.sparse_mode == "vocab":  # each part's keys looked up once, not once per shard it feeds
+        pool.map(part_rows_task, ctx, [str(work / "parts" / r.key) for r in results], lambda part, _: None)
     tasks = []
     for s, split in enumerate(ctx.split_names):
         parts = [r for r in results if r.rows.get(split, 0) > 0]
