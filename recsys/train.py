@@ -42,7 +42,7 @@ from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
-from recsys.distributed.env import DistEnv, init_distributed
+from recsys.distributed.env import DistEnv, init_distributed, on_main_rank
 from recsys.distributed.optimizers import build_optimizer
 from recsys.distributed.parallel import shard_model
 from recsys.early_stopping import EarlyStopping
@@ -198,7 +198,8 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     """Metrics of a checkpoint of ``training.run_dir`` (``latest``, ``best``, a path; by default the best
     if early stopping marked one, else the latest) on the val or test split."""
     job = build_job(config)
-    load_checkpoint(resolve_checkpoint(job.config.training.run_dir, checkpoint), job.model, optimizer=None)
+    path = on_main_rank(lambda: resolve_checkpoint(job.config.training.run_dir, checkpoint))
+    load_checkpoint(path, job.model, optimizer=None)
     data = getattr(job.splits, split)
     if data is None:
         raise ValueError(f"data.{split} is not set")
@@ -237,13 +238,17 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     run_dir = cfg_train.run_dir
     if env.is_main:  # one run per run_dir, held until train() returns
         held.enter_context(run_dir_lock(run_dir))
-    # Before anything is written: with --verify, shards changed since preprocessing stop here, and so does a
-    # run_dir whose checkpoints are all damaged.
-    if verify:
+
+    def verify_shards() -> None:
         for split in (splits.train, splits.val, splits.test):
             if split is not None:
                 split.verify_checksums()
-    resume_from = resume_point(run_dir, cfg_train.resume, verify, env.is_main)
+
+    # Before anything is written: with --verify, shards changed since preprocessing stop here, and so does a
+    # run_dir whose checkpoints are all damaged. Rank 0 checks the shared files; every rank gets its verdict.
+    if verify:
+        on_main_rank(verify_shards)
+    resume_from = on_main_rank(lambda: resume_point(run_dir, cfg_train.resume, verify, env.is_main))
     if env.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,24 @@ def init_distributed(compute_device: str = "auto") -> DistEnv:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main_rank(check: Callable[[], T]) -> T:
+    """Runs ``check`` on rank 0 only and gives every rank its result, or raises its exception on every rank.
+
+    For checks of the shared run folder (checkpoints, shards): every rank hashing the same files multiplies
+    the reads by the world size, and ranks that looked separately could pick different checkpoints.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return check()
+    outcome: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [(True, check())]
+        except Exception as e:  # noqa: BLE001 -- re-raised on every rank below
+            outcome = [(False, e)]
+    dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value

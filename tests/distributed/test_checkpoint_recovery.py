@@ -11,7 +11,9 @@ import pytest
 
 from recsys.checkpoint import CheckpointError, latest_checkpoint, resolve_checkpoint
 from recsys.config import config_from_dict
+from recsys.distributed.local import run_local
 from recsys.train import resume_point, train
+from tests.distributed.workers import train_verified_counting_hashes
 from tests.helpers import tiny_config
 
 EVERY_STEP = {"checkpoint_every_steps": 1, "keep_last_checkpoints": 3}
@@ -97,3 +99,19 @@ def test_no_valid_checkpoint_refuses_to_start_over(run_dir: Path, capsys: pytest
 def test_fresh_start_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert resume_point(str(tmp_path / "new"), resume=True, verify=False, is_main=True) is None
     assert "starting from step 0" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # spawned ranks
+def test_rank_0_verifies_for_every_rank(tiny_criteo: Path, run_dir: Path) -> None:
+    # --verify hashes the shared checkpoint and shard files once (rank 0), not once per rank, and every rank
+    # resumes from the checkpoint rank 0 chose, or stops with its error.
+    config = tiny_config(tiny_criteo, run_dir, 32, 4, training=EVERY_STEP)
+    first, second = run_local(train_verified_counting_hashes, 2, config)
+    assert "error" not in first and first["hashed"] > 0 and second == {"hashed": 0}, (first, second)
+
+    for folder in (run_dir / "checkpoints").glob("step_*"):  # every checkpoint damaged: no valid one
+        data = max(folder.glob("*.distcp"), key=lambda p: p.stat().st_size)
+        data.write_bytes(bytes(reversed(data.read_bytes())))
+    config["training"]["max_steps"] = 6
+    errors = [r.get("error") for r in run_local(train_verified_counting_hashes, 2, config)]
+    assert errors[0] and errors[0].startswith("CheckpointError: no valid checkpoint") and errors[1] == errors[0]

@@ -23,6 +23,26 @@ def train_each(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results
 
 
+def train_verified_counting_hashes(config: dict[str, Any]) -> dict[str, Any]:
+    """``recsys train --verify`` on this rank, counting the files it hashes (checkpoints and shards).
+
+    Returns ``{"hashed": n}``, plus ``"error"`` when the run raised."""
+    import recsys.checkpoint
+    import recsys.data.shards
+    from recsys.config import config_from_dict
+    from recsys.train import train
+
+    hashed: list[Any] = []
+    for module, name in ((recsys.checkpoint, "_sha256"), (recsys.data.shards, "file_checksum")):
+        real = getattr(module, name)
+        setattr(module, name, lambda *args, real=real: hashed.append(args) or real(*args))
+    try:
+        train(config_from_dict(config), verify=True)
+    except Exception as e:  # the test decides whether this run was meant to fail
+        return {"hashed": len(hashed), "error": f"{type(e).__name__}: {e}"}
+    return {"hashed": len(hashed)}
+
+
 def crash_during_save(config: dict[str, Any], crash_step: int) -> None:
     """Trains, and kills this process (no clean-up) halfway through writing the checkpoint of ``crash_step``:
     some shard files are on disk, the checkpoint's .metadata and rename are not."""
