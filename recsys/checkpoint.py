@@ -233,11 +233,14 @@ def verify_checkpoint(path: str, checksums: bool = False) -> None:
         raise CheckpointError(f"{manifest} is missing: an incomplete checkpoint") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
+    # One listing for the folder: a stat per file is a request per file on object stores.
+    prefix = local.rstrip("/") + "/"
+    sizes = {p[len(prefix) :]: info["size"] for p, info in fs.find(local, detail=True).items() if p.startswith(prefix)}
     for name, (size, digest) in expected.items():
         file = posixpath.join(local, name)
-        if not fs.isfile(file):
+        if name not in sizes:
             raise CheckpointError(f"{posixpath.join(path, name)} is missing")
-        if (actual := fs.size(file)) != size:
+        if (actual := sizes[name]) != size:
             raise CheckpointError(f"{posixpath.join(path, name)} holds {actual} bytes, {manifest} says {size}: "
                                   "truncated or overwritten")
         if checksums and _sha256(fs, file) != digest:
