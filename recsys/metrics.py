@@ -28,16 +28,8 @@ class CTRMetrics:
     (every rank must call them). ``grouped`` keeps each row's group id for GAUC."""
 
     def __init__(self, device: torch.device | str = "cpu", grouped: bool = False) -> None:
-        self.metrics = MetricCollection(
-            {
-                "auc": BinaryAUROC(),
-                "loss_sum": SumMetric(),
-                "count": SumMetric(),
-                "positives": SumMetric(),
-                "predicted": SumMetric(),
-            }
-        ).to(device)
-        # [rows, predicted CTR sum, clicks] per bucket of predicted CTR
+        self.metrics = MetricCollection({"auc": BinaryAUROC(), "loss_sum": SumMetric()}).to(device)
+        # [rows, predicted CTR sum, clicks] per bucket of predicted CTR; summed over buckets, the totals
         self.buckets = torch.zeros(3, RELIABILITY_BUCKETS, dtype=torch.float64, device=device)
         self.grouped = grouped
         self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -49,9 +41,6 @@ class CTRMetrics:
         probs = torch.sigmoid(logits)
         self.metrics["auc"].update(probs, labels.long())
         self.metrics["loss_sum"].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
-        self.metrics["count"].update(torch.tensor(float(labels.numel()), device=labels.device))
-        self.metrics["positives"].update(labels.sum())
-        self.metrics["predicted"].update(probs.sum())
         bucket = (probs * RELIABILITY_BUCKETS).long().clamp_(max=RELIABILITY_BUCKETS - 1)
         for row, values in enumerate((torch.ones_like(probs), probs, labels)):
             self.buckets[row].index_add_(0, bucket, values.double())
@@ -60,12 +49,12 @@ class CTRMetrics:
 
     def compute(self) -> dict[str, float]:
         values = {k: float(v) for k, v in self.metrics.compute().items()}
-        count = values["count"]
+        count, predicted, positives = self._all_buckets().sum(dim=1).tolist()
         logloss = values["loss_sum"] / count
-        ctr = values["positives"] / count
+        ctr = positives / count
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
         result = {"auc": values["auc"], "logloss": logloss, "ne": logloss / entropy, "ctr": ctr, "rows": int(count)}
-        result["calibration"] = values["predicted"] / values["positives"] if values["positives"] else float("nan")
+        result["calibration"] = predicted / positives if positives else float("nan")
         if self.grouped:
             groups, scores, labels = (_gather_all(torch.cat(parts)).cpu().numpy() for parts in zip(*self.rows))
             result["gauc"] = group_auc(groups, scores, labels)
@@ -73,10 +62,7 @@ class CTRMetrics:
 
     def reliability(self) -> dict[str, list[float]]:
         """Per non-empty bucket of predicted CTR: its range, rows, mean prediction and observed CTR."""
-        buckets = self.buckets.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(buckets)
-        rows, predicted, clicks = buckets.cpu().numpy()
+        rows, predicted, clicks = self._all_buckets().numpy()
         seen = rows > 0
         edges = np.arange(RELIABILITY_BUCKETS + 1) / RELIABILITY_BUCKETS
         return {
@@ -86,6 +72,13 @@ class CTRMetrics:
             "predicted": (predicted[seen] / rows[seen]).tolist(),
             "observed": (clicks[seen] / rows[seen]).tolist(),
         }
+
+    def _all_buckets(self) -> torch.Tensor:
+        """[3, buckets] float64 on CPU, summed over ranks."""
+        buckets = self.buckets.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(buckets)
+        return buckets.cpu()
 
     def reset(self) -> None:
         self.metrics.reset()
