@@ -63,14 +63,14 @@ def criteo_lines() -> tuple[str, ...]:
     return tuple(format_rows(generate_chunk(spec, 0, 1500)).splitlines(keepends=True))
 
 
-def vocab_shards(raw: Path, out: Path) -> Path:
-    """``raw``'s train/val/test files preprocessed into vocab shards in ``out`` (ids seen twice get a row):
-    the folder holding ``metadata.json`` and the ``train``/``val``/``test`` split folders."""
+def vocab_shards(raw: Path, out: Path, schema: str = "criteo", splits: tuple[str, ...] = ("train", "val", "test")) -> Path:
+    """``raw/<split>.tsv`` of each split preprocessed into vocab shards in ``out`` (ids seen twice get a row):
+    the folder holding ``metadata.json`` and the split folders."""
     from recsys.data.preprocess import Settings, run
     from recsys.data.schema import load_schema
 
-    inputs = [f"{split}={raw / f'{split}.tsv'}" for split in ("train", "val", "test")]
-    run(Settings(out=str(out), inputs=inputs, split="files", progress=False), load_schema("criteo", {"min_count": 2}))
+    inputs = [f"{split}={raw / f'{split}.tsv'}" for split in splits]
+    run(Settings(out=str(out), inputs=inputs, split="files", progress=False), load_schema(schema, {"min_count": 2}))
     return out
 
 
@@ -173,7 +173,7 @@ class Launcher:
         self.tmp_path = tmp_path
         self.env = child_env()
 
-    def overrides(self, run_dir: Path, world_size: int, *extra: str) -> list[str]:
+    def overrides(self, run_dir: Path, *extra: str) -> list[str]:
         """Same data and global batch for every world size, so runs are comparable step by step. The data are
         raw files: the first run preprocesses them into ``data.cache_dir`` (one of its processes, while the
         others wait), later runs reuse the shards."""
@@ -229,7 +229,7 @@ class Launcher:
         return self.run(
             [*torchx, "run", "-s", "local_cwd", "-cfg", f"log_dir={run_dir}-logs", "launch/components.py:train",
              "--nnodes", str(nnodes), "--nproc_per_node", str(nproc_per_node), *component_args,
-             "--", CONFIG, *self.overrides(run_dir, nnodes * nproc_per_node, *extra)],
+             "--", CONFIG, *self.overrides(run_dir, *extra)],
             env=env,
         )  # fmt: skip
 

@@ -16,7 +16,7 @@ def _assert_holds(loaded: object, written: object, key: str) -> None:
     a list item), recursively."""
     if isinstance(written, dict):
         for name, value in written.items():
-            inner = loaded.get(name) if isinstance(loaded, dict) else getattr(loaded, name, _MISSING)
+            inner = loaded.get(name, _MISSING) if isinstance(loaded, dict) else getattr(loaded, name, _MISSING)
             assert inner is not _MISSING, f"{key}.{name} was written but not loaded"
             _assert_holds(inner, value, f"{key}.{name}")
     elif isinstance(written, list) and isinstance(loaded, (list, tuple)):

@@ -14,13 +14,11 @@ import torch
 from recsys.checkpoint import CheckpointError, best_checkpoint, latest_checkpoint, read_tensors, resolve_checkpoint
 from recsys.cli import main
 from recsys.config import Config, config_from_dict
-from recsys.data.preprocess import Settings, run
-from recsys.data.schema import load_schema
 from recsys.data.shards import ShardedSplit
 from recsys.data.synthetic import SyntheticSpec, format_rows, generate_chunk, generate_splits
 from recsys.export import export_model
 from recsys.train import evaluate_checkpoint, train
-from tests.helpers import read_metrics, shared_file
+from tests.helpers import read_metrics, shared_file, vocab_shards
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +27,7 @@ def users_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the user as the group column (the shards' folder)."""
     raw = tmp_path_factory.mktemp("users")
     generate_splits(raw, 30_000, SyntheticSpec(num_users=100))
-    return preprocess(raw, {split: split for split in ("train", "val", "test")}, "synthetic_users")
-
-
-def preprocess(raw: Path, splits: dict[str, str], schema: str) -> Path:
-    """``raw/<file>.tsv`` for each split -> vocab shards in ``raw/shards`` (ids seen twice get a row)."""
-    inputs = [f"{split}={raw / f'{name}.tsv'}" for split, name in splits.items()]
-    run(Settings(out=str(raw / "shards"), inputs=inputs, split="files", progress=False),
-        load_schema(schema, {"min_count": 2}))
-    return raw / "shards"
+    return vocab_shards(raw, raw / "shards", "synthetic_users")
 
 
 def users_config(data: Path, run_dir: Path, *overrides: str) -> Config:
@@ -143,7 +133,7 @@ def one_distribution(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = lines.splitlines(keepends=True)
     (out / "train.tsv").write_text("".join(lines[:150_000]))
     (out / "test.tsv").write_text("".join(lines[150_000:]))
-    return preprocess(out, {"train": "train", "test": "test"}, "criteo")
+    return vocab_shards(out, out / "shards", splits=("train", "test"))
 
 
 @pytest.mark.slow  # end to end: trains to calibration

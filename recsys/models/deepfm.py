@@ -313,10 +313,14 @@ class DeepArch(nn.Module):
             width = size
         self.mlp = nn.Sequential(*blocks)
 
+    def first_layer_weights(self, width: int, dense_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's weights as it applies them: ([H, F_sparse * W] over pooled rows of width W, zero
+        on the columns past D; [H, F_dense] over the dense values, their field vectors folded in)."""
+        sparse_weight = F.pad(self.sparse_weight, (0, width - self.sparse_weight.size(2))).flatten(start_dim=1)
+        return sparse_weight, (self.dense_weight * dense_vectors).sum(dim=2)
+
     def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
-        unused_columns = sparse_rows.size(2) - self.sparse_weight.size(2)
-        sparse_weight = F.pad(self.sparse_weight, (0, unused_columns)).flatten(start_dim=1)  # [H, F_sparse * W]
-        dense_weight = (self.dense_weight * dense_vectors).sum(dim=2)  # [H, F_dense]
+        sparse_weight, dense_weight = self.first_layer_weights(sparse_rows.size(2), dense_vectors)
         rows = sparse_rows.flatten(start_dim=1)
         if not self.bfloat16:
             hidden = F.linear(rows, sparse_weight, self.bias).addmm_(dense, dense_weight.t())

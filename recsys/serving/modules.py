@@ -192,17 +192,22 @@ class Int8DeepArch(nn.Module):
 
     def __init__(self, deep_arch: DeepArch, dense_vectors: torch.Tensor, width: int) -> None:
         super().__init__()
-        hidden, num_sparse, dim = deep_arch.sparse_weight.shape
-        first = nn.Linear(num_sparse * width + deep_arch.dense_weight.size(1), hidden)
         with torch.no_grad():
-            sparse_weight = F.pad(deep_arch.sparse_weight, (0, width - dim)).flatten(start_dim=1)
-            first.weight.copy_(torch.cat([sparse_weight, (deep_arch.dense_weight * dense_vectors).sum(dim=2)], dim=1))
+            weight = torch.cat(deep_arch.first_layer_weights(width, dense_vectors), dim=1)  # [H, F_sparse * W + F_dense]
+            first = nn.Linear(weight.size(1), weight.size(0))
+            first.weight.copy_(weight)
             first.bias.copy_(deep_arch.bias)
         layers = [first, *(copy.deepcopy(block) for block in deep_arch.mlp if not isinstance(block, Dropout))]
         self.mlp = nn.Sequential(*(Int8Linear(layer) if isinstance(layer, nn.Linear) else layer for layer in layers))
 
     def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
         return self.mlp(torch.cat([sparse_rows.flatten(start_dim=1), dense], dim=1)).squeeze(-1)
+
+
+def _with_parts(model: DeepFM, **parts: nn.Module) -> DeepFM:
+    """A copy of ``model`` whose named submodules (``sparse_arch``, ``deep_arch``) are the given stand-ins,
+    which take the same call arguments; the replaced modules (the tables with ``sparse_arch``) are not copied."""
+    return copy.deepcopy(model, memo={id(getattr(model, name)): part for name, part in parts.items()})
 
 
 def compact_for_quantization(model: DeepFM, column_multiple: int) -> DeepFM:
@@ -223,9 +228,11 @@ def compact_for_quantization(model: DeepFM, column_multiple: int) -> DeepFM:
         {f"embedding_bags.{c.name}.weight": ebc.embedding_bags[c.name].weight[:, : c.embedding_dim].contiguous() for c in configs},
         assign=True,
     )  # fmt: skip
-    sparse_arch = SparseArch(compact, model.sparse_arch.feature_names)
-    deep_arch = Int8DeepArch(model.deep_arch, model.dense_arch.field_vectors.detach(), width)
-    return copy.deepcopy(model, memo={id(model.sparse_arch): sparse_arch, id(model.deep_arch): deep_arch})
+    return _with_parts(
+        model,
+        sparse_arch=SparseArch(compact, model.sparse_arch.feature_names),
+        deep_arch=Int8DeepArch(model.deep_arch, model.dense_arch.field_vectors.detach(), width),
+    )
 
 
 class _StackedTables(nn.Module):
@@ -257,12 +264,6 @@ class _PooledInput(nn.Module):
         return pooled
 
 
-def _with_sparse_arch(model: DeepFM, stand_in: nn.Module) -> DeepFM:
-    """A copy of ``model`` whose ``sparse_arch`` is ``stand_in`` (DeepFM.forward only passes its sparse
-    input to ``sparse_arch``); the tables are not copied."""
-    return copy.deepcopy(model, memo={id(model.sparse_arch): stand_in})
-
-
 class OnnxDeepFM(nn.Module):
     """Whole DeepFM for ONNX export: inputs as :meth:`ServedModel.score_tensors` (dense [B, F_dense],
     values [L] int64, lengths [F_sparse, B] int64) -> [B] probabilities, with the same input cleaning and
@@ -277,7 +278,7 @@ class OnnxDeepFM(nn.Module):
         table_of = {f: c.name for c in configs for f in c.feature_names}
         features = model.sparse_arch.feature_names
         mean = configs[0].pooling.name == "MEAN"
-        self.deepfm = _with_sparse_arch(model, _StackedTables(torch.cat(weights), mean))
+        self.deepfm = _with_parts(model, sparse_arch=_StackedTables(torch.cat(weights), mean))
         self.register_buffer("row_offsets", torch.tensor([starts[table_of[f]] for f in features], dtype=torch.long))
         self.register_buffer("table_rows", torch.tensor(table_rows, dtype=torch.long))
         self.register_buffer("oov_rows", torch.tensor(oov_rows, dtype=torch.long))
@@ -298,7 +299,7 @@ class OnnxDenseDeepFM(nn.Module):
 
     def __init__(self, model: DeepFM, negative_sampling_rate: float) -> None:
         super().__init__()
-        self.deepfm = _with_sparse_arch(model, _PooledInput())
+        self.deepfm = _with_parts(model, sparse_arch=_PooledInput())
         self.log_sampling_rate = logit_correction(negative_sampling_rate)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

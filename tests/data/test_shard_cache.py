@@ -12,7 +12,7 @@ from recsys.config import Config, ConfigError, config_from_dict
 from recsys.data.preprocess import PreprocessError
 from recsys.data.shards import ShardedSplit
 from recsys.resolve import resolve_config
-from tests.helpers import criteo_lines, write_lines
+from tests.helpers import CONFIG_DIR, criteo_lines, write_lines
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_raw_files_are_preprocessed_once_then_reused(raw, tmp_path, capsys):
 
 def test_the_schema_and_cache_dir_come_from_the_config(raw, tmp_path):
     schema = tmp_path / "hashed.yaml"
-    schema.write_text((Path(__file__).resolve().parents[2] / "configs/schemas/criteo.yaml").read_text()
+    schema.write_text((CONFIG_DIR / "schemas" / "criteo.yaml").read_text()
                       + "\nsparse_mode: hash\nhash_buckets: 97\n")
     config = raw_config(raw, tmp_path / "run", schema=str(schema), cache_dir=str(tmp_path / "cache"),
                         test=str(raw["val"]))

@@ -4,7 +4,6 @@ same vocabulary as an unbounded merge."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from recsys.data.preprocess.base import MAIN_BASE_BYTES
 from recsys.data.preprocess.vocabulary import MERGE_BYTES_PER_ENTRY, merge_budget
+from tests.helpers import child_env
 
 FEATURES = [f"C{i}" for i in range(1, 9)]
 SCHEMA = {
@@ -62,9 +62,8 @@ def write_log(path: Path, rows: int) -> int:
 
 
 def preprocess(out: Path, log: Path, memory_gb: float) -> dict:
-    env = {**os.environ, "POLARS_MAX_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", RUN, str(out), str(log), str(memory_gb), json.dumps(SCHEMA)],
-                          capture_output=True, text=True, env=env)  # fmt: skip
+                          capture_output=True, text=True, env=child_env(POLARS_MAX_THREADS="1"))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -81,16 +80,14 @@ def test_merge_within_a_small_cap_matches_an_unbounded_merge(tmp_path):
     assert bounded["vocab"] == unbounded["vocab"]
     assert sum(v["distinct"] for v in bounded["vocab"].values()) == distinct
     for feature in FEATURES:
-        for name in (f"{feature}.parquet",):
-            assert pl.read_parquet(tmp_path / "bounded" / "vocab" / name).equals(
-                pl.read_parquet(tmp_path / "unbounded" / "vocab" / name))
+        assert pl.read_parquet(tmp_path / "bounded" / "vocab" / f"{feature}.parquet").equals(
+            pl.read_parquet(tmp_path / "unbounded" / "vocab" / f"{feature}.parquet"))
         a = np.load(tmp_path / "bounded" / "vocab" / f"{feature}.lookup.npy")
         b = np.load(tmp_path / "unbounded" / "vocab" / f"{feature}.lookup.npy")
         assert np.array_equal(a, b)
-    for split in ("train",):
-        shards = sorted((tmp_path / "bounded" / split).glob("part-*/sparse.npy"))
-        assert shards and all(np.array_equal(np.load(s), np.load(tmp_path / "unbounded" / split / s.parent.name / s.name))
-                              for s in shards)  # fmt: skip
+    shards = sorted((tmp_path / "bounded" / "train").glob("part-*/sparse.npy"))
+    assert shards and all(np.array_equal(np.load(s), np.load(tmp_path / "unbounded" / "train" / s.parent.name / s.name))
+                          for s in shards)  # fmt: skip
 
     # The unbounded merge holds every distinct id at once; the bounded one a budget's worth.
     budget_mib = merge_budget(small, 1) / 2**20

@@ -32,7 +32,7 @@ def test_sigterm_to_torchrun_checkpoints_the_current_step_and_exits(launcher: La
     run_dir = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-        "-m", "recsys.cli", "train", CONFIG, *launcher.overrides(run_dir, 1, "training.epochs=1000"),
+        "-m", "recsys.cli", "train", CONFIG, *launcher.overrides(run_dir, "training.epochs=1000"),
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=launcher.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -35,7 +35,7 @@ def single(module_launcher: Launcher) -> tuple[Path, str]:
     run_dir = module_launcher.tmp_path / "single"
     logs = module_launcher.run(
         [sys.executable, "-m", "recsys.cli", "train", CONFIG,
-         *module_launcher.overrides(run_dir, 1, *EXTRA)],
+         *module_launcher.overrides(run_dir, *EXTRA)],
         env={"RECSYS_WARNINGS": "all"},  # the third-party notices recsys hides by default
     )  # fmt: skip
     return run_dir, logs
@@ -70,7 +70,7 @@ def test_one_node_two_processes_logs_by_rank_and_records_the_run(
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{EPOCHS * 19:08d}"
     # `recsys eval` in one process (as `make demo` runs it) reshards the 2-rank checkpoint on load.
     output = module_launcher.run(
-        [sys.executable, "-m", "recsys.cli", "eval", CONFIG, *module_launcher.overrides(run_dir, 1), "--split=test"]
+        [sys.executable, "-m", "recsys.cli", "eval", CONFIG, *module_launcher.overrides(run_dir), "--split=test"]
     )
     evaluated = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
     assert evaluated == pytest.approx(final(run_dir, "test"), rel=1e-6)
