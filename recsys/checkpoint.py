@@ -207,13 +207,19 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _file_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
+    """{path relative to ``folder``: bytes} of every file under it, from one listing (a stat per file would be
+    a request per file on object stores)."""
+    prefix = folder.rstrip("/") + "/"
+    return {path[len(prefix) :]: info["size"] for path, info in fs.find(folder, detail=True).items() if path.startswith(prefix)}
+
+
 def _write_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """Size and sha256 of every file of a finished save, written last: a folder without it is incomplete."""
-    prefix = folder.rstrip("/") + "/"
     files = {
-        path[len(prefix) :]: {"bytes": fs.size(path), "sha256": _sha256(fs, path)}
-        for path in sorted(fs.find(folder))
-        if path.startswith(prefix) and not path.endswith(MANIFEST)
+        name: {"bytes": size, "sha256": _sha256(fs, posixpath.join(folder, name))}
+        for name, size in sorted(_file_sizes(fs, folder).items())
+        if not name.endswith(MANIFEST)
     }
     _write_atomic(fs, posixpath.join(folder, MANIFEST), json.dumps({"files": files}, indent=1).encode())
 
@@ -233,9 +239,7 @@ def verify_checkpoint(path: str, checksums: bool = False) -> None:
         raise CheckpointError(f"{manifest} is missing: an incomplete checkpoint") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
-    # One listing for the folder: a stat per file is a request per file on object stores.
-    prefix = local.rstrip("/") + "/"
-    sizes = {p[len(prefix) :]: info["size"] for p, info in fs.find(local, detail=True).items() if p.startswith(prefix)}
+    sizes = _file_sizes(fs, local)
     for name, (size, digest) in expected.items():
         file = posixpath.join(local, name)
         if name not in sizes:

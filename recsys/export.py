@@ -180,12 +180,13 @@ def model_batches(config: Config, rows: int | None = None) -> Iterator[Batch]:
 
 
 @torch.no_grad()
-def split_auc(model: torch.jit.ScriptModule, config: Config) -> float:
-    """AUC of a served model on the test split."""
-    auc = BinaryAUROC()
+def split_aucs(models: list[torch.jit.ScriptModule], config: Config) -> list[float]:
+    """AUC of each served model on the test split, read once for all of them."""
+    aucs = [BinaryAUROC() for _ in models]
     for batch in model_batches(config):
-        auc.update(model(batch.dense_features, batch.sparse_features), batch.labels)
-    return float(auc.compute())
+        for model, auc in zip(models, aucs):
+            auc.update(model(batch.dense_features, batch.sparse_features), batch.labels)
+    return [float(auc.compute()) for auc in aucs]
 
 
 def _parity_inputs(config: Config, bad_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -359,7 +360,7 @@ def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Con
     fp32_bytes = fp32_path.stat().st_size
     fp32_path.unlink()
     quantized_bytes = manifest["model"]["bytes"]
-    fp32_auc, auc = split_auc(fp32, config), split_auc(torch.jit.load(str(folder / MODEL_FILE)), config)
+    fp32_auc, auc = split_aucs([fp32, torch.jit.load(str(folder / MODEL_FILE))], config)
     return {"dtype": manifest["model"]["quantization"], "bytes": quantized_bytes, "fp32_bytes": fp32_bytes,
             "size_ratio": round(fp32_bytes / quantized_bytes, 3), "test_auc": auc, "fp32_test_auc": fp32_auc,
             "auc_drop": fp32_auc - auc}  # fmt: skip

@@ -28,7 +28,6 @@ from pathlib import Path
 
 from recsys.config import Config, ConfigError, validate
 from recsys.data.schema import load_schema
-from recsys.data.shard_cache import cached_shards
 from recsys.data.shards import is_shard_split, read_metadata
 
 # Rows per feature's table when the data is absent and model.num_embeddings is 0 (recsys plan).
@@ -81,6 +80,9 @@ def _shard_splits(config: Config, paths: dict[str, str]) -> dict[str, str]:
                               "its parent): run `recsys preprocess` on the raw files, or name them")
     sharded = {key for key, path in paths.items() if is_shard_split(path)}
     if not sharded:
+        # Imported here: it brings the preprocessing tool (polars, its workers), which shard paths never need.
+        from recsys.data.shard_cache import cached_shards
+
         return cached_shards(config, paths)
     if sharded != set(paths):
         raise ConfigError(f"data.{sorted(sharded)} are shard folders but data.{sorted(set(paths) - sharded)} are "

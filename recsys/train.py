@@ -216,16 +216,16 @@ def train(config: Config, verify: bool = False) -> dict[str, dict[str, float]]:
         return _train(config, stop, verify, held)
 
 
-def resume_point(run_dir: str, resume: bool, verify: bool, is_main: bool) -> str | None:
+def resume_point(run_dir: str, resume: bool, verify: bool) -> str | None:
     """The checkpoint a run continues from (``latest_checkpoint``: with a fallback past a damaged one),
-    or None for a fresh start; says which."""
+    or None for a fresh start; says which. Run by rank 0 (``on_main_rank``)."""
     if not resume:
-        if is_main and checkpoint_names(run_dir):
+        if checkpoint_names(run_dir):
             print(f"training.resume=false: starting from step 0; the checkpoints in {checkpoint_root(run_dir)} "
                   "are ignored, and overwritten or pruned as this run saves its own")
         return None
     path = latest_checkpoint(run_dir, checksums=verify)
-    if path is None and is_main:
+    if path is None:
         print(f"no checkpoint in {checkpoint_root(run_dir)}: starting from step 0")
     return path
 
@@ -248,7 +248,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     # run_dir whose checkpoints are all damaged. Rank 0 checks the shared files; every rank gets its verdict.
     if verify:
         on_main_rank(verify_shards)
-    resume_from = on_main_rank(lambda: resume_point(run_dir, cfg_train.resume, verify, env.is_main))
+    resume_from = on_main_rank(lambda: resume_point(run_dir, cfg_train.resume, verify))
     if env.is_main:
         with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
@@ -257,8 +257,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
 
     # The data position is a global batch index, so a run resumes on a different number of ranks only
     # with the same global batch (data.batch_size); load_checkpoint checks it.
-    rank_batch = cfg_data.per_rank(env.world_size)[0]
-    global_batch = rank_batch * env.world_size
+    rank_batch, global_batch = cfg_data.per_rank(env.world_size)[0], cfg_data.batch_size
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "global_batch_size": global_batch}
     stopper = EarlyStopping(config.early_stopping)
     if resume_from:
@@ -351,7 +350,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     logger.event("stop", progress["step"], **stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps))
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):
         # The final metrics are the best model's, as eval and export see it (training is over: weights only).
-        progress["step"] = int(load_checkpoint(best_checkpoint(run_dir), dmp, optimizer=None)["step"])
+        progress["step"] = int(load_checkpoint(on_main_rank(lambda: best_checkpoint(run_dir)), dmp, optimizer=None)["step"])
         last_val = None
     final = {"val": last_val or run_eval("val", splits.val)}
     if splits.test is not None:

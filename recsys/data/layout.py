@@ -57,10 +57,10 @@ class Columns:
         return {"labels": self.labels, "dense": self.dense, "sparse": self.sparse, **multi, **groups}
 
     @classmethod
-    def load(cls, folder: Path, multi_hot: list[str], grouped: bool, prefix: str = "", mmap: bool = True) -> "Columns":
-        """The arrays of a shard folder (``prefix``: a chunk part's ``<split>.``), memory-mapped by default:
-        nothing is read until rows are gathered. FileNotFoundError names a missing array."""
-        load = lambda name: np.load(folder / f"{prefix}{name}.npy", mmap_mode="r" if mmap else None)  # noqa: E731
+    def load(cls, folder: Path, multi_hot: list[str], grouped: bool) -> "Columns":
+        """The arrays of a shard folder, memory-mapped: nothing is read until rows are gathered.
+        FileNotFoundError names a missing array."""
+        load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
         multi = {f: tuple(load(name) for name in multi_hot_arrays(f)) for f in multi_hot}
         return cls(load("labels"), load("dense"), load("sparse"), multi, load("groups") if grouped else None)
 
@@ -83,7 +83,28 @@ def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shift
 
 
+def read_rows(path: Path, start: int, count: int) -> np.ndarray:
+    """Rows [start, start + count) of a .npy file, read (not mapped: the pages would count as our RSS)."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+        row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        fh.seek(fh.tell() + start * row_items * dtype.itemsize)
+        data = np.fromfile(fh, dtype=dtype, count=count * row_items)
+    return data.reshape((count, *shape[1:]))
+
+
 def file_checksum(path: Path) -> str:
     """sha256 of a file, as ``shard.json`` records it."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def changed_file(folder: Path, checksums: dict[str, str]) -> str | None:
+    """The first file of ``checksums`` ({name: sha256}) missing from ``folder`` or differing, else None."""
+    for name, digest in checksums.items():
+        path = folder / name
+        if not path.exists() or file_checksum(path) != digest:
+            return name
+    return None

@@ -25,7 +25,7 @@ from torchrec.datasets.utils import Batch
 
 from recsys.config import UserError
 from recsys.data.batching import make_batch, num_batches, rank_bounds
-from recsys.data.layout import Columns, file_checksum, gather_ranges, max_ids
+from recsys.data.layout import Columns, changed_file, gather_ranges, max_ids
 
 
 class ShardError(UserError):
@@ -173,10 +173,9 @@ class ShardedSplit:
                 checksums = json.loads((shard_dir / "shard.json").read_text())["checksums"]
             except (OSError, ValueError, KeyError) as e:
                 raise ShardError(f"{shard_dir / 'shard.json'}: no readable checksums ({e}); re-run recsys preprocess") from None
-            for name, digest in checksums.items():
-                if file_checksum(shard_dir / name) != digest:
-                    raise ShardError(f"{shard_dir / name}: sha256 differs from {shard_dir / 'shard.json'}: the shard "
-                                     "was changed after preprocessing; re-run recsys preprocess")
+            if (name := changed_file(shard_dir, checksums)) is not None:
+                raise ShardError(f"{shard_dir / name}: missing, or its sha256 differs from {shard_dir / 'shard.json'}: "
+                                 "the shard was changed after preprocessing; re-run recsys preprocess")
 
     def restrict(self, kept: list[np.ndarray]) -> None:
         """From now on every epoch draws only the local rows ``kept[k]`` (sorted) of shard k."""

@@ -2,8 +2,9 @@
 
 * ``make_topology``: the cluster as the planner sees it, with the config's per-rank memory caps.
 * ``make_constraints``: ``sharding`` in the config as TorchRec ``ParameterConstraints`` per table.
-* ``Planner``: TorchRec's ``EmbeddingShardingPlanner`` with CPU-first placements, the plan broadcast from
-  rank 0, and ``PlanError`` messages that name the tables that cannot fit and the memory they need.
+* ``Planner``: TorchRec's ``EmbeddingShardingPlanner`` with CPU-first placements and ``PlanError`` messages
+  that name the tables that cannot fit and the memory they need; ``plan_sharding`` plans on rank 0 and
+  broadcasts the plan (or the error) to every rank.
 * ``dry_run`` / ``format_report`` (``recsys plan``): the model is built on the meta device (no table
   memory) and planned for a topology given on the command line, so a 16-GPU plan can be checked on a laptop
   before launch; the report lists each table's sharding type, compute kernel, ranks and per-shard memory,
@@ -21,9 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
@@ -44,7 +43,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, TableShardingConfig
-from recsys.distributed.env import DistEnv
+from recsys.distributed.env import DistEnv, on_main_rank
 from recsys.distributed.optimizers import attach_sparse_optimizer
 from recsys.distributed.sharders import make_sharders
 from recsys.models.deepfm import DeepFMTrain, build_deepfm
@@ -195,18 +194,8 @@ class Planner:
             callbacks=[self._keep],
         )
 
-    def plan(self, group: dist.ProcessGroup | None = None) -> ShardingPlan:
-        """Plans locally (``group=None``, a dry run) or on rank 0 of ``group`` and broadcasts the plan, or
-        the reason there is none, so that every rank raises the same PlanError rather than hanging."""
-        if group is None:
-            result = self._plan_or_explain()
-        else:
-            result = invoke_on_rank_and_broadcast_result(group, 0, self._plan_or_explain)
-        if isinstance(result, str):
-            raise PlanError(result)
-        return result
-
-    def _plan_or_explain(self) -> ShardingPlan | str:
+    def plan(self) -> ShardingPlan:
+        """The sharding plan; PlanError naming the tables that cannot fit when there is none."""
         if self.topology.compute_device == "cpu":
             full = self.constraints
             self.constraints = make_constraints(self.config, embedding_bag_configs(self.model), CPU_FIRST_CHOICE)
@@ -217,7 +206,7 @@ class Planner:
         try:
             return self._plan()
         except PlannerError:
-            return self.explain_failure()
+            raise PlanError(self.explain_failure()) from None
 
     def _plan(self) -> ShardingPlan:
         with _quiet_planner_logs():
@@ -318,9 +307,10 @@ def gb(nbytes: float) -> str:
 
 
 def plan_sharding(model: nn.Module, config: Config, env: DistEnv) -> ShardingPlan:
-    """Plans on rank 0 and broadcasts, so every rank shards identically; raises PlanError when it cannot fit."""
+    """Plans on rank 0 and broadcasts the plan, or its PlanError, so every rank shards identically or raises
+    the same error rather than hanging."""
     topology = make_topology(config, env.world_size, env.local_world_size, env.device.type)
-    return Planner(config, topology, model).plan(dist.GroupMember.WORLD)
+    return on_main_rank(Planner(config, topology, model).plan)
 
 
 @dataclass

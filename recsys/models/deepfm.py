@@ -42,9 +42,10 @@ from recsys.losses import CTRLoss
 FBGEMM_DIM_ALIGNMENT = 4
 
 
-def table_width(embedding_dim: int) -> int:
-    """Columns of a table holding a D-dim field vector plus the first-order weight, FBGEMM-aligned."""
-    return -(-(embedding_dim + 1) // FBGEMM_DIM_ALIGNMENT) * FBGEMM_DIM_ALIGNMENT
+def table_width(embedding_dim: int, alignment: int = FBGEMM_DIM_ALIGNMENT) -> int:
+    """Columns of a table holding a D-dim field vector plus the first-order weight, rounded up to a multiple
+    of ``alignment`` (FBGEMM's fused training kernels by default)."""
+    return -(-(embedding_dim + 1) // alignment) * alignment
 
 
 class _TableBackwardThreads:

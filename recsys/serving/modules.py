@@ -27,7 +27,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.sampling import logit_correction
-from recsys.models.deepfm import DeepArch, DeepFM, Dropout, SparseArch
+from recsys.models.deepfm import DeepArch, DeepFM, Dropout, SparseArch, table_width
 
 
 def clean_dense(dense: torch.Tensor) -> torch.Tensor:
@@ -221,7 +221,7 @@ def compact_for_quantization(model: DeepFM, column_multiple: int) -> DeepFM:
     * The MLP is :class:`Int8DeepArch`.
     """
     ebc = model.sparse_arch.embedding_bag_collection
-    width = -(-(model.embedding_dim + 1) // column_multiple) * column_multiple
+    width = table_width(model.embedding_dim, column_multiple)
     configs = [dataclasses.replace(c, embedding_dim=width) for c in ebc.embedding_bag_configs()]
     compact = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
     compact.load_state_dict(

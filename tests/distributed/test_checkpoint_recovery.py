@@ -91,13 +91,13 @@ def test_no_valid_checkpoint_refuses_to_start_over(run_dir: Path, capsys: pytest
     for step in (1, 2, 3):
         (run_dir / "checkpoints" / f"step_{step:08d}" / ".metadata").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="no valid checkpoint in .*training.resume=false"):
-        resume_point(str(run_dir), resume=True, verify=False, is_main=True)
-    assert resume_point(str(run_dir), resume=False, verify=False, is_main=True) is None
+        resume_point(str(run_dir), resume=True, verify=False)
+    assert resume_point(str(run_dir), resume=False, verify=False) is None
     assert "training.resume=false: starting from step 0" in capsys.readouterr().out
 
 
 def test_fresh_start_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert resume_point(str(tmp_path / "new"), resume=True, verify=False, is_main=True) is None
+    assert resume_point(str(tmp_path / "new"), resume=True, verify=False) is None
     assert "starting from step 0" in capsys.readouterr().out
 
 

@@ -28,12 +28,12 @@ def train_verified_counting_hashes(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns ``{"hashed": n}``, plus ``"error"`` when the run raised."""
     import recsys.checkpoint
-    import recsys.data.shards
+    import recsys.data.layout
     from recsys.config import config_from_dict
     from recsys.train import train
 
     hashed: list[Any] = []
-    for module, name in ((recsys.checkpoint, "_sha256"), (recsys.data.shards, "file_checksum")):
+    for module, name in ((recsys.checkpoint, "_sha256"), (recsys.data.layout, "file_checksum")):
         real = getattr(module, name)
         setattr(module, name, lambda *args, real=real: hashed.append(args) or real(*args))
     try:

@@ -22,6 +22,9 @@ FINGERPRINT_MODES = ("stat", "content")
 ERROR_KINDS = ("columns", "label", "dense", "sparse", "truncated")
 MAX_EXAMPLES = 5
 MISSING_KEY = np.iinfo(np.int64).min  # an empty field; an id token with this value is rejected as bad
+# (feature, key) pairs with keys in [0, 2**48) (hex and int ids as logs have them) pack into one int64,
+# feature << 48 | key: polars groups and looks up one column 2-3x faster than two.
+PACK_BITS = 48
 
 # Memory model used to size the worker pool (measured on Criteo rows, see README "Preprocessing").
 MAIN_BASE_BYTES = 120 << 20  # the main process: python, numpy, polars (62 MB) and the chunks' results

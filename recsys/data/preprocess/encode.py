@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.layout import Columns
-from recsys.data.preprocess.base import MISSING_ID, MISSING_KEY, OOV_ID
+from recsys.data.preprocess.base import MISSING_ID, MISSING_KEY, OOV_ID, PACK_BITS
 from recsys.data.preprocess.parse import Parsed
 from recsys.data.schema import Schema
 
@@ -63,7 +63,7 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
     """
     if to == "rows" and schema.sparse_mode == "vocab":
         columns, uniques = encode(parsed, schema, "codes")
-        return map_codes(columns, vocab_rows(uniques, schema, vocab_dir), schema), []
+        return map_codes(columns, np.concatenate(vocab_rows(uniques, schema, vocab_dir)), unique_offsets(uniques), schema), []
     one_hot = schema.one_hot
     uniques: dict[str, np.ndarray] = {}
 
@@ -73,7 +73,7 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
             codes, uniques[name] = factorize(token_keys(tokens, kind))
             return codes
         if kind != "string":
-            # map_keys' rule (id mod buckets, floor mod as numpy's; missing -> 0) in one polars pass: 2x faster
+            # The DLRM route: id mod buckets (floor mod), missing -> 0; one polars pass, 2x numpy's mod + where
             return (tokens % schema.buckets(name)).fill_null(0).cast(pl.Int32).to_numpy()
         return map_keys(token_keys(tokens, kind), name, schema, vocab_dir)
 
@@ -90,16 +90,25 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
     return columns, [uniques[name] for name in schema.sparse if name in uniques]
 
 
+def unique_offsets(uniques: list[np.ndarray]) -> np.ndarray:
+    """[F_sparse + 1] int64: where each feature's distinct keys start in their concatenation."""
+    return np.cumsum([0] + [len(u) for u in uniques], dtype=np.int64)
+
+
 def save_uniques(folder: Path, uniques: list[np.ndarray]) -> None:
     np.save(folder / "uniques.npy", np.concatenate(uniques))
-    np.save(folder / "uniques.offsets.npy", np.cumsum([0] + [len(u) for u in uniques]))
+    np.save(folder / "uniques.offsets.npy", unique_offsets(uniques))
 
 
-def load_uniques(folder: Path, values_file: str = "uniques.npy") -> list[np.ndarray]:
-    """A chunk part's distinct keys per feature, or with ``values_file="uniques.rows.npy"`` their table rows
-    (``save_part_rows``), in ``schema.sparse`` order."""
-    values, offsets = np.load(folder / values_file), np.load(folder / "uniques.offsets.npy")
-    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+def load_uniques(folder: Path) -> list[np.ndarray]:
+    """A chunk part's distinct keys per feature, in ``schema.sparse`` order."""
+    values, bounds = np.load(folder / "uniques.npy"), np.load(folder / "uniques.offsets.npy")
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def load_part_rows(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(the table rows of a chunk part's distinct keys, concatenated (``save_part_rows``), their offsets)."""
+    return np.load(folder / "uniques.rows.npy"), np.load(folder / "uniques.offsets.npy")
 
 
 def save_part_rows(folder: Path, schema: Schema, vocab_dir: str) -> None:
@@ -120,14 +129,11 @@ _LOOKUPS: dict[tuple[str, str], tuple] = {}  # vocabulary lookups, loaded once p
 
 
 def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None) -> np.ndarray:
-    """[N] int64 keys -> [N] int32 table rows of feature ``name`` (``vocab_dir``: vocab mode's lookups)."""
+    """[N] int64 keys -> [N] int32 table rows of feature ``name``: vocab mode's lookup in ``vocab_dir``, or in
+    hash mode a string feature's 64-bit token hashes mod buckets (int and hex ids are hashed in ``encode``)."""
     missing = keys == MISSING_KEY
     if schema.sparse_mode == "hash":
-        buckets = schema.buckets(name)
-        if schema.kind(name) == "string":
-            rows = keys.view(np.uint64) % np.uint64(buckets)
-        else:
-            rows = np.mod(keys, buckets)  # the DLRM route: id mod buckets, missing -> 0
+        rows = keys.view(np.uint64) % np.uint64(schema.buckets(name))
         return np.where(missing, 0, rows).astype(np.int32)
     cache_key = (vocab_dir, name)
     if cache_key not in _LOOKUPS:  # once per worker process
@@ -137,9 +143,6 @@ def map_keys(keys: np.ndarray, name: str, schema: Schema, vocab_dir: str | None)
     # A hash lookup (polars), about twice as fast as np.searchsorted on the sorted keys.
     rows = pl.Series(keys).replace_strict(vocab, ids, default=OOV_ID, return_dtype=pl.Int32).to_numpy()
     return np.where(missing, MISSING_ID, rows).astype(np.int32, copy=False)
-
-
-PACK_BITS = 48  # (feature, key) pairs with keys in [0, 2**48) pack into one int64: feature << 48 | key
 
 
 def _packed_vocab(vocab_dir: str, schema: Schema) -> tuple[list[str], pl.Series, pl.Series]:
@@ -179,14 +182,14 @@ def vocab_rows(uniques: list[np.ndarray], schema: Schema, vocab_dir: str) -> lis
     return [rows[name] for name in schema.sparse]
 
 
-def map_codes(columns: Columns, rows: list[np.ndarray], schema: Schema) -> Columns:
+def map_codes(columns: Columns, rows: np.ndarray, starts: np.ndarray, schema: Schema) -> Columns:
     """Columns of codes (``encode(..., "codes")``) -> Columns of table rows, given the table rows of the
-    chunk's distinct keys (``vocab_rows``, in ``schema.sparse`` order): all one-hot columns gathered at once."""
-    rows = dict(zip(schema.sparse, rows))
+    chunk's distinct keys concatenated in ``schema.sparse`` order (``rows``) and where each feature's start
+    (``starts``, ``unique_offsets``): all one-hot columns gathered at once."""
+    feature = {name: f for f, name in enumerate(schema.sparse)}
     one_hot = schema.one_hot
     sparse = columns.sparse
     if one_hot:
-        starts = np.cumsum([0] + [len(rows[n]) for n in one_hot[:-1]])
-        sparse = np.concatenate([rows[n] for n in one_hot])[columns.sparse + starts]
-    multi = {name: (rows[name][codes], lengths) for name, (codes, lengths) in columns.multi.items()}
+        sparse = rows[columns.sparse + starts[[feature[n] for n in one_hot]]]
+    multi = {name: (rows[starts[feature[name]] + codes], lengths) for name, (codes, lengths) in columns.multi.items()}
     return Columns(columns.labels, columns.dense, sparse, multi, columns.groups)

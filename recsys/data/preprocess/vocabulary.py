@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.data.layout import Columns
+from recsys.data.layout import Columns, read_rows
 from recsys.data.preprocess.base import (
     FIRST_VOCAB_ID,
     MAIN_BASE_BYTES,
     MISSING_KEY,
+    PACK_BITS,
     write_json_atomic,
 )
 from recsys.data.preprocess.parse import ChunkResult, Parsed
@@ -98,25 +99,20 @@ class MergeTask:
     min_count: int
 
 
-def _read_slice(path: Path, start: int, stop: int) -> np.ndarray:
-    return np.array(np.load(path, mmap_mode="r")[start:stop])
-
-
 Counts = tuple[np.ndarray, np.ndarray, np.ndarray]  # features [N] uint16, keys [N] int64, counts [N] int64
 
 
 def _group(pieces: list[Counts]) -> Counts:
-    """Sums the counts of equal (feature, key) over ``pieces``, which it empties to free them early. Keys in
-    [0, 2**48) (hex and int ids as logs have them) are packed with the feature into one int64: polars groups
-    one column 2.4x faster than two."""
+    """Sums the counts of equal (feature, key) over ``pieces``, which it empties to free them early; packable
+    keys (``PACK_BITS``) are grouped as one column (2.4x faster than two)."""
     features, keys, counts = (np.concatenate(column) for column in zip(*pieces))
     pieces.clear()
-    if len(keys) and keys.min() >= 0 and keys.max() < 1 << 48:
-        packed = (features.astype(np.int64) << 48) | keys
+    if len(keys) and keys.min() >= 0 and keys.max() < 1 << PACK_BITS:
+        packed = (features.astype(np.int64) << PACK_BITS) | keys
         del features, keys
         summed = pl.DataFrame({"packed": packed, "count": counts}).group_by("packed").agg(pl.col("count").sum())
         packed = summed["packed"].to_numpy()
-        return (packed >> 48).astype(np.uint16), packed & ((1 << 48) - 1), summed["count"].to_numpy()
+        return (packed >> PACK_BITS).astype(np.uint16), packed & ((1 << PACK_BITS) - 1), summed["count"].to_numpy()
     summed = pl.DataFrame({"feature": features, "key": keys, "count": counts}).group_by("feature", "key").agg(
         pl.col("count").sum())
     return summed["feature"].to_numpy(), summed["key"].to_numpy(), summed["count"].to_numpy()
@@ -128,7 +124,7 @@ def merge_task(ctx: Context, task: MergeTask) -> tuple[dict[str, np.ndarray], np
     pieces: list[Counts] = [(np.zeros(0, np.uint16), np.zeros(0, np.int64), np.zeros(0, np.int64))]
     pending = 0
     for part, start, stop in task.slices:
-        pieces.append(tuple(_read_slice(Path(part) / f"counts.{a}.npy", start, stop) for a in COUNT_ARRAYS))
+        pieces.append(tuple(read_rows(Path(part) / f"counts.{a}.npy", start, stop - start) for a in COUNT_ARRAYS))
         pending += stop - start
         if pending >= task.rows_per_task:  # compact: the merged table only grows by new tokens
             pieces, pending = [_group(pieces)], 0

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from recsys.data.layout import Columns, file_checksum, max_ids, multi_hot_arrays
+from recsys.data.layout import Columns, changed_file, file_checksum, max_ids, multi_hot_arrays, read_rows
 from recsys.data.preprocess.base import PreprocessError, write_json_atomic
-from recsys.data.preprocess.encode import load_uniques, map_codes, save_part_rows
+from recsys.data.preprocess.encode import load_part_rows, map_codes, save_part_rows
 from recsys.data.preprocess.parse import ChunkResult
 from recsys.data.preprocess.pool import Pool
 from recsys.data.preprocess.sources import Context
@@ -34,27 +34,15 @@ class ShardTask:
     out: str
 
 
-def _read_rows(path: Path, start: int, count: int) -> np.ndarray:
-    """Rows [start, start + count) of a .npy file, read (not mapped: the pages would count as our RSS)."""
-    with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read_header(fh)
-        row_items = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        fh.seek(fh.tell() + start * row_items * dtype.itemsize)
-        data = np.fromfile(fh, dtype=dtype, count=count * row_items)
-    return data.reshape((count, *shape[1:]))
-
-
 def _read_segment(part: Path, split: str, start: int, count: int, multi: list[str], grouped: bool) -> Columns:
-    read = lambda array: _read_rows(part / f"{split}.{array}.npy", start, count)  # noqa: E731
+    read = lambda array: read_rows(part / f"{split}.{array}.npy", start, count)  # noqa: E731
     columns = Columns(read("labels"), read("dense"), read("sparse"), {}, read("groups") if grouped else None)
     for name in multi:
         values_name, lengths_name = multi_hot_arrays(name)
         all_lengths = np.load(part / f"{split}.{lengths_name}.npy")
         begin = int(all_lengths[:start].sum(dtype=np.int64))
         lengths = all_lengths[start : start + count]
-        values = _read_rows(part / f"{split}.{values_name}.npy", begin, int(lengths.sum(dtype=np.int64)))
+        values = read_rows(part / f"{split}.{values_name}.npy", begin, int(lengths.sum(dtype=np.int64)))
         columns.multi[name] = (values, lengths)
     return columns
 
@@ -76,12 +64,8 @@ def shard_is_current(shard_dir: Path, fingerprint: str) -> dict | None:
         record = json.loads((shard_dir / "shard.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    if record.get("fingerprint") != fingerprint:
+    if record.get("fingerprint") != fingerprint or changed_file(shard_dir, record["checksums"]) is not None:
         return None
-    for name, digest in record["checksums"].items():
-        path = shard_dir / name
-        if not path.exists() or file_checksum(path) != digest:
-            return None
     return record
 
 
@@ -97,7 +81,7 @@ def shard_task(ctx: Context, task: ShardTask) -> dict:
     grouped = bool(ctx.schema.group)
     pieces = [_read_segment(Path(p), task.split, s, n, multi, grouped) for p, s, n in task.segments]
     if ctx.schema.sparse_mode == "vocab":
-        pieces = [map_codes(piece, load_uniques(Path(part), "uniques.rows.npy"), ctx.schema)
+        pieces = [map_codes(piece, *load_part_rows(Path(part)), ctx.schema)
                   for piece, (part, _, _) in zip(pieces, task.segments)]  # fmt: skip
     columns = _concat(pieces)
     del pieces
