@@ -346,8 +346,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_250_000, help="generated rows, 80%% train (default 1.25M)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender")
-    parser.add_argument("--regimes", default="small,kaggle")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--regimes", default="small,kaggle",
+                        help="table regimes, comma-separated: small (Kaggle cardinalities capped at 40k rows), "
+                             "kaggle (the 26 Kaggle cardinalities, 33.8M rows)")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"who trains, comma-separated, of {','.join(CONTENDERS)} (deepctr: small tables only)")
     parser.add_argument("--slow-steps", type=int, default=10, help="steps of a contender too slow for an epoch")
     parser.add_argument("--work", type=Path, help="keep generated data and runs here (reused when present)")
     parser.add_argument("--worker", choices=[*WORKERS, "mlp"], help=argparse.SUPPRESS)

@@ -211,23 +211,27 @@ def bench_loader(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+    sub = parser.add_subparsers(dest="what", required=True, help="what to measure")
     pre = sub.add_parser("preprocess", help="the tool vs BinaryCriteoUtils.tsv_to_npys")
-    pre.add_argument("--rows", type=int, default=1_000_000)
+    pre.add_argument("--rows", type=int, default=1_000_000, help="generated input rows (default 1M)")
     pre.add_argument("--data", default="data/bench", help="where the generated input is cached")
-    pre.add_argument("--tmp", default=None, help="scratch folder for outputs")
-    pre.add_argument("--workers", type=int, default=0)
+    pre.add_argument("--tmp", default=None,
+                     help="an existing folder for the outputs, removed after (default: the system's temp folder)")
+    pre.add_argument("--workers", type=int, default=0, help="the tool's worker processes (default 0: all cores)")
     pre.add_argument("--cardinality", choices=["kaggle", "small"], default="kaggle",
                      help="distinct ids of the generated input: Criteo Kaggle's (default) or recsys generate's")
-    pre.add_argument("--modes", nargs="+", default=["hash", "vocab"], choices=["hash", "vocab"])
-    pre.add_argument("--skip-torchrec", action="store_true")
+    pre.add_argument("--modes", nargs="+", default=["hash", "vocab"], choices=["hash", "vocab"],
+                     help="the tool's sparse modes to time (default both)")
+    pre.add_argument("--skip-torchrec", action="store_true",
+                     help="leave out TorchRec's tsv_to_npys baseline (it needs iopath: the bench extra)")
     pre.set_defaults(func=bench_preprocess)
     load = sub.add_parser("loader", help="loader batches/s vs training steps/s")
     load.add_argument("--shards", required=True, help="a `recsys preprocess` output folder")
-    load.add_argument("--config", default="configs/synthetic.yaml")
-    load.add_argument("--loader-batches", type=int, default=150)
-    load.add_argument("--train-steps", type=int, default=100)
-    load.add_argument("--tmp", default=None)
+    load.add_argument("--config", default="configs/synthetic.yaml", help="the config whose batch size and model train")
+    load.add_argument("--loader-batches", type=int, default=150, help="batches the loader yields per measurement")
+    load.add_argument("--train-steps", type=int, default=100, help="steps of the training run it is compared with")
+    load.add_argument("--tmp", default=None,
+                      help="an existing folder for the training run, removed after (default: the system's temp folder)")
     load.set_defaults(func=bench_loader)
     args = parser.parse_args()
     args.func(args)
