@@ -63,6 +63,9 @@ class DataConfig:
     # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
     # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
+    # Ids per row of each sparse feature (MLPerf's multi-hot sizes): the pooling factors of the planner's cost
+    # model. Empty: what the shards' multi-hot expansion recorded, else 1 (one-hot).
+    multi_hot_sizes: list[int] = field(default_factory=list)
 
     def per_rank(self, world_size: int) -> tuple[int, int]:
         """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
@@ -161,6 +164,11 @@ class TrainingConfig:
     run_dir: str = "runs/default"
     resume: bool = True
     keep_last_checkpoints: int = 3
+    # Validations per epoch, evenly spaced (MLPerf: 20); used when eval_every_steps is 0.
+    evals_per_epoch: int = 0
+    # Stop at the first validation whose AUC reaches this (MLPerf DLRM-DCNv2: 0.80275) and record the time to
+    # it (metrics.jsonl stage "target", and the final line). 0 = no target.
+    target_auc: float = 0.0
 
 
 @dataclass
@@ -438,6 +446,12 @@ def validate(config: Config) -> None:
         raise ConfigError("training.keep_last_checkpoints must be at least 1")
     if not 0.0 < data.negative_downsampling <= 1.0:
         raise ConfigError("data.negative_downsampling must be in (0, 1] (the fraction of negatives kept)")
+    if any(m < 1 for m in data.multi_hot_sizes) or (
+            data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features)):
+        raise ConfigError(f"data.multi_hot_sizes must give a positive size for each of the {len(data.sparse_features)} "
+                          "sparse features")
+    if not 0.0 <= config.training.target_auc < 1.0 or config.training.evals_per_epoch < 0:
+        raise ConfigError("training.target_auc must be in [0, 1) (0: none) and training.evals_per_epoch >= 0")
     _validate_recipe(config)
     _validate_sharding(config)
 

@@ -37,7 +37,7 @@ MLPERF_TABLE_SIZES = [
 ]  # fmt: skip
 MLPERF_MULTI_HOT_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
 LOOKUPS = ("reference", "hash")
-LOOKUP_BLOCK_ROWS = 1 << 20  # rows drawn at a time: 400 MB of int64 draws for the widest MLPerf table
+LOOKUP_BLOCK_BYTES = 256 << 20  # draws held at a time while drawing the reference lookup (int64 + int32)
 
 
 @dataclass
@@ -83,11 +83,13 @@ class Lookup:
             raise ValueError("the reference lookup must be built first (Lookup.build)")
 
     @classmethod
-    def build(cls, expansion: Expansion, folder: Path, progress: bool = False) -> "Lookup":
+    def build(cls, expansion: Expansion, folder: Path, progress: bool = False,
+              block_bytes: int = LOOKUP_BLOCK_BYTES) -> "Lookup":  # fmt: skip
         """For ``reference``: draws the reference's lookups into ``folder`` (reused when it already holds
-        them for these settings; written under a temporary name, then renamed)."""
+        them for these settings; written under a temporary name, then renamed), ``block_bytes`` of draws at
+        a time."""
         if expansion.lookup == "reference" and not is_built(folder, expansion):
-            _draw_reference(expansion, folder, progress)
+            _draw_reference(expansion, folder, progress, block_bytes)
         return cls(expansion, folder)
 
     def expand(self, table: int, ids: np.ndarray) -> np.ndarray:
@@ -118,7 +120,7 @@ def is_built(folder: Path, expansion: Expansion) -> bool:
         return False
 
 
-def _draw_reference(expansion: Expansion, folder: Path, progress: bool) -> None:
+def _draw_reference(expansion: Expansion, folder: Path, progress: bool, block_bytes: int) -> None:
     """The reference's ``np.random.seed(seed)`` then ``randint(0, rows, (rows, m - 1))`` per table, drawn in
     row blocks (the legacy generator's stream does not depend on the blocking) and saved as int32 columns
     1.. of each table's lookup (column 0, the id itself, is not stored)."""
@@ -133,9 +135,10 @@ def _draw_reference(expansion: Expansion, folder: Path, progress: bool) -> None:
     for table, (rows, width) in enumerate(zip(expansion.table_sizes, expansion.sizes)):
         if width == 1:
             continue  # the reference draws an empty (rows, 0) block: the stream does not move
+        block_rows = max(1, block_bytes // (12 * (width - 1)))  # int64 draws and their int32 copy
         with NpyWriter(tmp / f"table_{table}.npy", np.int32, (rows, width - 1)) as out:
-            for start in range(0, rows, LOOKUP_BLOCK_ROWS):
-                count = min(LOOKUP_BLOCK_ROWS, rows - start)
+            for start in range(0, rows, block_rows):
+                count = min(block_rows, rows - start)
                 out.write(generator.randint(0, rows, size=(count, width - 1)).astype(np.int32))
                 bar.update(count * (width - 1))
     bar.close()

@@ -61,10 +61,9 @@ def all_rows(split: ShardedSplit) -> tuple[np.ndarray, np.ndarray, dict[str, np.
 
 
 @pytest.mark.parametrize("lookup", ["reference", "hash"])
-def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("recsys.data.multi_hot.LOOKUP_BLOCK_ROWS", 64)  # several blocks per table
+def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str) -> None:
     expansion = Expansion(SIZES, TABLES, lookup)
-    table = Lookup.build(expansion, tmp_path / "lookup")
+    table = Lookup.build(expansion, tmp_path / "lookup", block_bytes=12 * 11 * 64)  # several blocks per table
     ids = np.array([0, 1, 999, 4999, 1000, 1])
     expanded = [table.expand(t, ids) for t in range(len(TABLES))]
     for t, (rows, width) in enumerate(zip(TABLES, SIZES)):

@@ -223,7 +223,7 @@ def expand(path: str, out: str, sizes: list[int], lookup: str = "reference", see
             return {**previous, "reused": True}
         meta_path.unlink()
     lookup_dir = out_dir / ".lookup"  # kept: a re-run with other shard sizes reuses it
-    Lookup.build(expansion, lookup_dir, progress)
+    Lookup.build(expansion, lookup_dir, progress, int(max_memory_gb * (1 << 30) - MAIN_BASE_BYTES) // 2)
     workers, block = plan_expansion(expansion, len(features["dense"]), max_memory_gb, workers)
     ctx = ExpandContext(expansion, str(lookup_dir), features["sparse"], fingerprint, block)
     tasks = shard_tasks(splits, shard_rows, out_dir)
