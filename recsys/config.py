@@ -64,7 +64,7 @@ class DataConfig:
     group_column: str = ""
     # Ids per row of each sparse feature (MLPerf's multi-hot sizes): the pooling factors of the planner's cost
     # model. Empty: what the shards' multi-hot expansion recorded, else 1 (one-hot).
-    multi_hot_sizes: list[int] = field(default_factory=list)
+    multi_hot_sizes: list[int] = setting(list, low=1)
 
     def per_rank(self, world_size: int) -> tuple[int, int]:
         """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
@@ -171,16 +171,12 @@ class TrainingConfig:
     seed: int = setting(0, low=0)
     run_dir: str = "runs/default"
     resume: bool = True
-<<<<<<< HEAD
-    keep_last_checkpoints: int = 3
-    # Validations per epoch, evenly spaced (MLPerf: 20); used when eval_every_steps is 0.
-    evals_per_epoch: int = 0
-    # Stop at the first validation whose AUC reaches this (MLPerf DLRM-DCNv2: 0.80275) and record the time to
-    # it (metrics.jsonl stage "target", and the final line). 0 = no target.
-    target_auc: float = 0.0
-=======
     keep_last_checkpoints: int = setting(3, low=1)
->>>>>>> main
+    # Validations per epoch, evenly spaced (MLPerf: 20); used when eval_every_steps is 0.
+    evals_per_epoch: int = setting(0, low=0, zero="off")
+    # Stop at the first validation whose AUC reaches this (MLPerf DLRM-DCNv2: 0.80275) and record the time to
+    # it (metrics.jsonl stage "target", and the final line).
+    target_auc: float = setting(0.0, low=0, high=1, high_open=True, zero="no target")
 
 
 @dataclass
@@ -368,25 +364,9 @@ def validate(config: Config) -> None:
             if feature in seen:
                 raise ConfigError(f"model.shared_tables: feature {feature!r} is in more than one table")
             seen.add(feature)
-<<<<<<< HEAD
-    if not 0.0 <= model.dropout < 1.0:
-        raise ConfigError("model.dropout must be in [0, 1)")
-    if data.batch_size <= 0 or data.eval_batch_size <= 0:
-        raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
-    if config.training.table_backward_threads < 0:
-        raise ConfigError("training.table_backward_threads must be >= 0 (0: the step's own thread count)")
-    if config.training.keep_last_checkpoints < 1:
-        raise ConfigError("training.keep_last_checkpoints must be at least 1")
-    if not 0.0 < data.negative_downsampling <= 1.0:
-        raise ConfigError("data.negative_downsampling must be in (0, 1] (the fraction of negatives kept)")
-    if any(m < 1 for m in data.multi_hot_sizes) or (
-            data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features)):
-        raise ConfigError(f"data.multi_hot_sizes must give a positive size for each of the {len(data.sparse_features)} "
-                          "sparse features")
-    if not 0.0 <= config.training.target_auc < 1.0 or config.training.evals_per_epoch < 0:
-        raise ConfigError("training.target_auc must be in [0, 1) (0: none) and training.evals_per_epoch >= 0")
-=======
->>>>>>> main
+    if data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features):
+        raise ConfigError(f"data.multi_hot_sizes has {len(data.multi_hot_sizes)} entries but there are "
+                          f"{len(data.sparse_features)} sparse features")
     _validate_recipe(config)
     _validate_sharding(config)
 
