@@ -103,6 +103,9 @@ def find_days(root: Path) -> dict[int, dict[str, ArrayRef]]:
     for path in sorted(root.iterdir()):
         if match := DAY_FILE.match(path.name):
             days.setdefault(int(match[1]), {})[match[2]] = npy_ref(path)
+    if not days:
+        raise DaysError(f"{root}: a folder, not an input file: name the files in it (a folder input holds TorchRec's "
+                        "day files, day_N_{labels,dense,sparse}.npy, or is a `recsys preprocess` output to expand)")
     for day, arrays in days.items():
         npz = root / MULTI_HOT_NPZ.format(day)
         if npz.is_file():

@@ -91,7 +91,7 @@ def read_input(path: Path) -> tuple[dict, dict[str, list[Piece]]]:
     try:
         days = find_days(path)
     except DaysError as e:
-        raise PreprocessError(f"{e} (expected a `recsys preprocess` output or TorchRec's day files)") from None
+        raise PreprocessError(str(e)) from None
     if not all("sparse" in arrays for arrays in days.values()):
         raise PreprocessError(f"{path}: expansion reads day_N_sparse.npy (one-hot) for every day")
     splits = {split: [Piece({k: days[d][k] for k in ("labels", "dense", "sparse")}, lo, hi) for d, lo, hi in ranges]
