@@ -42,7 +42,7 @@ def main() -> None:
     sparse = rng.integers(0, 1_000_000, (args.batch, 26), dtype=np.int32)
     rows = np.arange(args.batch)
     checks = RowChecks(dense_names, sparse_names, sizes)
-    check_ms = per_call_ms(lambda: checks.check(Path("shard"), rows, labels, dense, sparse, {}), args.repeats)
+    check_ms = per_call_ms(lambda: checks.check(Path, rows, labels, dense, sparse, {}), args.repeats)
     batch_ms = per_call_ms(lambda: make_batch(dense, labels, sparse_names, sparse), args.repeats)
     print(json.dumps({"bench": "loader_checks", "batch_rows": args.batch, "check_ms": round(check_ms, 4),
                       "make_batch_ms": round(batch_ms, 4), "check_vs_make_batch": round(check_ms / batch_ms, 3),
