@@ -31,8 +31,8 @@ def per_call_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=4096, help="rows per batch (default 4096)")
+    parser.add_argument("--repeats", type=int, default=2000, help="timed calls of each, after one warm-up call")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     dense_names, sparse_names = [f"I{i}" for i in range(1, 14)], [f"C{i}" for i in range(1, 27)]

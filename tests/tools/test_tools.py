@@ -24,14 +24,16 @@ TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py"))
 SUBCOMMANDS = {"bench_preprocess.py": ["preprocess", "loader"]}
 
 
-def help_text(tool: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """``python tools/TOOL ARGS --help``, run in this process (argparse prints and exits)."""
-    monkeypatch.setattr(sys, "argv", [tool, *args, "--help"])
+def run_main(tool: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``python tools/TOOL ARGS`` in this process, for the tools that train nothing; returns what it printed."""
+    monkeypatch.setattr(sys, "argv", [tool, *args])
     monkeypatch.setattr(sys, "path", [str(REPO / "tools"), *sys.path])
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
-        runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
-    assert done.value.code == 0
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
+        except SystemExit as done:  # argparse's --help, or a tool ending with sys.exit
+            assert done.code in (0, None), f"tools/{tool} {' '.join(args)} exited {done.code}"
     return out.getvalue()
 
 
@@ -62,7 +64,7 @@ def test_undocumented_finds_a_bare_option() -> None:
     "tool,args", [(tool, []) for tool in TOOLS] + [(t, [s]) for t, subs in SUBCOMMANDS.items() for s in subs]
 )
 def test_every_option_says_what_it_does(tool: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    text = help_text(tool, *args, monkeypatch=monkeypatch)
+    text = run_main(tool, *args, "--help", monkeypatch=monkeypatch)
     assert "options:" in text
     assert undocumented(text) == [], f"tools/{tool} {' '.join(args)}: options without help"
 
@@ -77,13 +79,15 @@ def run_tool(*args: str, timeout: float = 600) -> list[dict]:
 
 def test_preprocess_criteo(tiny_raw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     splits = [f"{split}={tiny_raw / f'{split}.tsv'}" for split in ("train", "val", "test")]
-    monkeypatch.setattr(sys, "argv", ["preprocess_criteo.py", "--split", "files", "--out", str(tmp_path / "out"),
-                                      "--no-progress", "--workers", "1", *splits])  # fmt: skip
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(REPO / "tools" / "preprocess_criteo.py"), run_name="__main__")
-    assert done.value.code in (0, None)
+    run_main("preprocess_criteo.py", "--split", "files", "--out", str(tmp_path / "out"), "--no-progress",
+             "--workers", "1", *splits, monkeypatch=monkeypatch)  # fmt: skip
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["splits"]["train"]["rows"] == 1_200
+
+
+def test_bench_loader_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    (line,) = run_main("bench_loader_checks.py", "--batch", "64", "--repeats", "2", monkeypatch=monkeypatch).splitlines()
+    assert json.loads(line)["batch_rows"] == 64
 
 
 @pytest.mark.slow
