@@ -26,6 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_WINDOWS = 1
+LOG_EVERY_STEPS = 25  # one samples/s window per this many steps
 
 
 def _train(values: dict[str, Any]) -> None:
@@ -45,7 +46,7 @@ def bench_train(data: Path, world_size: int, steps: int, work: Path) -> dict[str
     shards = data / "shards"  # preprocessed once by main(), as `make demo` does
     config["data"].update(train=str(shards / "train"), val=str(shards / "val"), test="")  # batch: global
     config["training"].update(max_steps=steps, run_dir=str(run_dir), resume=False, eval_every_steps=0)
-    config["logging"].update(progress_bar=False, tensorboard=False, log_every_steps=25)
+    config["logging"].update(progress_bar=False, tensorboard=False, log_every_steps=LOG_EVERY_STEPS)
     run_local(_train, world_size, config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in rows if r["stage"] == "train"][WARMUP_WINDOWS:]
@@ -80,9 +81,13 @@ def bench_plan() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000, help="generated rows (80%% train)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per measurement")
+    parser.add_argument("--steps", type=int, default=150,
+                        help=f"training steps per measurement, at least {(WARMUP_WINDOWS + 1) * LOG_EVERY_STEPS}: "
+                             f"one window of {LOG_EVERY_STEPS} steps is warm-up")
     parser.add_argument("--data", type=Path, default=None, help="reuse generated data in this folder")
     args = parser.parse_args()
+    if args.steps < (WARMUP_WINDOWS + 1) * LOG_EVERY_STEPS:
+        parser.error(f"--steps {args.steps} leaves no timed window: at least {(WARMUP_WINDOWS + 1) * LOG_EVERY_STEPS}")
     host = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

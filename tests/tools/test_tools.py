@@ -105,7 +105,7 @@ def test_bench_preprocess_loader(tiny_criteo: Path) -> None:
 
 @pytest.mark.slow
 def test_bench_train() -> None:
-    lines = run_tool("tools/bench_train.py", "--rows", "6000", "--steps", "3")
+    lines = run_tool("tools/bench_train.py", "--rows", "6000", "--steps", "50")
     assert len(lines) == 3 and lines[-1]["bench"] == "plan"
 
 
