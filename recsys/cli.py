@@ -79,7 +79,7 @@ def _predict(args: argparse.Namespace) -> int:
         args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, verify=args.verify or None,
     )  # fmt: skip
     print(summarize(report))
     return 0
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=0,
                     help="the model's intra-op threads (default: the cores the workers leave, at least 1)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--verify", action="store_true",
+                    help="compare the sha256 of every file of the export with its manifest (sizes are always "
+                    "compared; checksums too by default when the files total at most 256 MiB)")
     pr.set_defaults(func=_predict)
 
     pl = _config_command(
@@ -244,17 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 # OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
 _USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_DISK_HINTS = {errno.ENOSPC: "free space there or choose another path", errno.EDQUOT: "free space within your "
+               "quota or choose another path", errno.EROFS: "choose a writable path"}  # fmt: skip
 
 
 def _user_message(e: BaseException) -> str | None:
     """One line for an error the user caused, or None for a bug."""
-    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_ERRNOS:
+    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_HINTS:
         return None
     if not isinstance(e, (UserError, OSError)):
         return None
     if isinstance(e, OSError) and e.filename is not None:
-        hint = ": free space there or choose another path" if e.errno in _DISK_ERRNOS else ""
+        hint = f": {_DISK_HINTS[e.errno]}" if e.errno in _DISK_HINTS else ""
         return f"{e.filename}: {e.strerror}{hint}"
     return " ".join(str(e).split())
 

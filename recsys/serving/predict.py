@@ -97,6 +97,7 @@ def predict(
     batch_size: int = 16384,
     threads: int = 0,
     progress: bool = True,
+    verify: bool | None = None,
 ) -> dict[str, Any]:
     """Scores every row of ``inputs`` into ``output`` (.csv or .parquet); returns a report (rows, bad rows
     by kind with the first examples as ``file:line``, ids on the OOV row per feature, rows/s).
@@ -105,11 +106,13 @@ def predict(
     busy cores torch's threads wait on each other: 2 threads beside 2 workers on 2 cores ran batch 4096
     several times slower than 1).
 
+    ``verify``: compare the export's sha256 checksums (``recsys.serving.load``; sizes are always compared).
+
     Raises PreprocessError for bad input as ``recsys preprocess`` would, ServingInputError for an export or
     input that cannot be used at all. Empty input files give no rows.
     """
     started = time.perf_counter()
-    scorer = Scorer(export_dir, batch_size)
+    scorer = Scorer(export_dir, batch_size, verify)
     paths = [p for p in inputs if not (os.path.isfile(p) and os.path.getsize(p) == 0)]
     prep = input_preprocessing(paths, scorer.preprocessing)
     schema = prep.schema
