@@ -170,7 +170,7 @@ def build_job(config: Config) -> Job:
     splits = load_splits(config)
     data, cfg_train = config.data, config.training
     steps_per_epoch = num_batches(len(splits.train), data.per_rank(env.world_size)[0], env.world_size, data.drop_last)
-    max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
+    max_steps = cfg_train.max_steps or cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
     model = build_deepfm(config, device="meta")
@@ -369,10 +369,10 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     return result
 
 
-def stop_reason(stopper: EarlyStopping, step: int, max_steps: int, configured_max_steps: int) -> dict[str, str]:
+def stop_reason(stopper: EarlyStopping, step: int, max_steps: int, configured_max_steps: int | None) -> dict[str, str]:
     """Why the run ended, for metrics.jsonl."""
     if stopper.stopped:
         return {"reason": "early_stopping", "detail": stopper.reason()}
-    if configured_max_steps > 0 and step >= max_steps:
+    if configured_max_steps is not None and step >= max_steps:
         return {"reason": "max_steps", "detail": f"training.max_steps={configured_max_steps} reached"}
     return {"reason": "epochs", "detail": f"all training.epochs done at step {step}"}
