@@ -85,11 +85,13 @@ class Scorer:
             warnings.warn(f"string ids are hashed with polars; this is polars {pl.__version__}, the export used "
                           f"{exported}: if the hash changed, string ids map to other rows", stacklevel=2)
 
-    def score(self, rows: Any, strict: bool = False) -> np.ndarray:
+    def score(self, rows: Any, strict: bool = False, labelled: bool = True) -> np.ndarray:
         """Click probabilities [N] float32 for raw rows, aligned with them.
 
         ``rows``: raw log lines in the export's format (one string or bytes with newlines, or a list of
-        lines; with or without the label column), or a polars/pandas DataFrame with the schema's columns.
+        lines; with the label column unless ``labelled`` is False: lines one field short are refused
+        otherwise, as a dropped column looks alike), or a polars/pandas DataFrame with the schema's columns
+        (with or without the label, by name).
         A row that preprocessing would reject scores NaN and is counted in ``last`` (``strict`` raises
         instead, naming line and column). A missing column raises ServingInputError naming it.
         """
@@ -98,7 +100,7 @@ class Scorer:
         if isinstance(rows, pl.DataFrame):
             data, source, prep = frame_rows(rows, self.preprocessing)
         else:
-            data, source, prep = text_rows(rows, self.preprocessing)
+            data, source, prep = text_rows(rows, self.preprocessing, labelled)
         prep = replace(prep, schema=replace(prep.schema, id_column=""))  # scores align with rows: no ids needed
         if not data:
             self.last = {"rows": 0, "bad_rows": 0, "errors": {}, "error_examples": [], "oov": {}}
@@ -108,8 +110,7 @@ class Scorer:
             result = transform(data, source, chunk, prep, strict)
         except BadInput as e:
             raise ServingInputError(str(bad_input_error(e, [source]))) from None
-        scores = np.full(result.result.lines, np.nan, dtype=np.float32)
-        scores[result.line] = self.score_rows(result)
+        scores = result.in_place(self.score_rows(result)).fill_null(np.nan).to_numpy()
         stats = PhaseStats()
         stats.add(result.result, [source])
         self.last = {"rows": stats.lines, "bad_rows": stats.bad, "errors": stats.errors,
