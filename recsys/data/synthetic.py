@@ -221,7 +221,7 @@ def generate_splits(
     try:  # every split under a temporary name, renamed together: no mix of new and old splits on a failure
         for name, count in counts.items():
             labels, probs, users = [], [], []
-            with naming_path(tmps[name]), open(tmps[name], "w") as fh:
+            with naming_path(out / f"{name}.tsv"), open(tmps[name], "w") as fh:
                 done = 0
                 while done < count:
                     n = min(chunk_rows, count - done)
