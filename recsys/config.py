@@ -62,6 +62,9 @@ class DataConfig:
     # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
     # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
+    # Ids per row of each sparse feature (MLPerf's multi-hot sizes): the pooling factors of the planner's cost
+    # model. Empty: what the shards' multi-hot expansion recorded, else 1 (one-hot).
+    multi_hot_sizes: list[int] = setting(list, low=1)
 
     def per_rank(self, world_size: int) -> tuple[int, int]:
         """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
@@ -169,6 +172,11 @@ class TrainingConfig:
     run_dir: str = "runs/default"
     resume: bool = True
     keep_last_checkpoints: int = setting(3, low=1)
+    # Validations per epoch, evenly spaced (MLPerf: 20); used when eval_every_steps is 0.
+    evals_per_epoch: int = setting(0, low=0, zero="off")
+    # Stop at the first validation whose AUC reaches this (MLPerf DLRM-DCNv2: 0.80275) and record the time to
+    # it (metrics.jsonl stage "target", and the final line).
+    target_auc: float = setting(0.0, low=0, high=1, high_open=True, zero="no target")
 
 
 @dataclass
@@ -356,6 +364,9 @@ def validate(config: Config) -> None:
             if feature in seen:
                 raise ConfigError(f"model.shared_tables: feature {feature!r} is in more than one table")
             seen.add(feature)
+    if data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features):
+        raise ConfigError(f"data.multi_hot_sizes has {len(data.multi_hot_sizes)} entries but there are "
+                          f"{len(data.sparse_features)} sparse features")
     _validate_recipe(config)
     _validate_sharding(config)
 
