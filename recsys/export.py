@@ -60,7 +60,7 @@ from recsys.data.shards import ShardedSplit, read_metadata
 from recsys.integrity import naming_path
 from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
 from recsys.resolve import resolve_config
-from recsys.serving.manifest import MANIFEST, seal
+from recsys.serving.manifest import FORMAT, MANIFEST, seal
 from recsys.serving.modules import LogitModel, compact_for_quantization, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
 
 MODEL_FILE = "model.pt"
@@ -319,6 +319,7 @@ def export_model(
     features = {"dense": config.data.dense_features, "sparse": config.data.sparse_features,
                 "multi_hot": list(schema["multi_hot"])}  # fmt: skip
     manifest: dict[str, Any] = {
+        "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "checkpoint": checkpoint,
@@ -341,7 +342,9 @@ def export_model(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
+    # A full disk names the export, not its temporary folder, which is removed whatever happens.
+    with naming_path(out, over_temporary=True), contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         if vocab:
             shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
         fp32 = script_model(model, manifest)
@@ -356,8 +359,6 @@ def export_model(
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         seal(tmp, manifest)
         _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

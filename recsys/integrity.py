@@ -8,6 +8,7 @@ through fsspec, so a folder may be local or any fsspec URL.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import posixpath
@@ -63,13 +64,19 @@ def check_files(
             raise error(f"{where}: sha256 differs from {record}: damaged or replaced")
 
 
+# A full disk or quota, a read-only disk: the storage's errors, not the path's.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 @contextlib.contextmanager
-def naming_path(path: str | os.PathLike) -> Iterator[None]:
+def naming_path(path: str | os.PathLike, over_temporary: bool = False) -> Iterator[None]:
     """Re-raises an OSError that names no file (a full disk, a read-only one) as one naming ``path``: writes
-    through file objects (polars, pyarrow, torch.jit.save into a Python file) lose the name."""
+    through file objects (polars, pyarrow, torch.jit.save into a Python file) lose the name.
+    ``over_temporary``: a storage error (``STORAGE_ERRNOS``) names ``path`` even when it named a file, one
+    in a temporary folder that is gone by the time the user reads the message."""
     try:
         yield
     except OSError as e:
-        if e.errno is not None and e.filename is None:
+        if e.errno is not None and (e.filename is None or (over_temporary and e.errno in STORAGE_ERRNOS)):
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise

@@ -3,9 +3,12 @@ every file's size (always) and sha256 (``verify``, or by default for small expor
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -111,3 +114,44 @@ def test_predict_verify_flag_hashes_a_large_export(serving_run, tmp_path: Path, 
     assert main([*args, "--verify"]) == 2
     assert "config.yaml: sha256 differs" in capsys.readouterr().err
     assert not (tmp_path / "s.csv").exists()
+
+
+class _FullDisk(io.FileIO):
+    """A file whose writes fail as on a full disk after ``room`` bytes."""
+
+    room = 1 << 16
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_temporary_folder(serving_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    # TorchScript's own writer aborted the whole process here (C++ terminate, exit 134).
+    monkeypatch.setattr("recsys.export.open", lambda path, mode: _FullDisk(path, mode), raising=False)
+    out = tmp_path / "export"
+    config = Path(serving_run.config.training.run_dir) / "config.yaml"
+    assert main(["export", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: No space left on device: free space there or choose another path" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onto_a_real_full_disk(serving_run, tmp_path: Path, capsys) -> None:
+    """The same on a small tmpfs (needs root to mount; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    files = json.loads((serving_run.export / "manifest.json").read_text())["files"]
+    vocab = sum(r["bytes"] for name, r in files.items() if name.startswith("vocab/"))
+    size = vocab + files["model.pt"]["bytes"] // 2  # room for the vocabulary, not for model.pt
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        out = mount / "export"
+        config = Path(serving_run.config.training.run_dir) / "config.yaml"
+        assert main(["export", str(config), "--out", str(out)]) == 2
+        assert f"{out}: No space left on device" in capsys.readouterr().err
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
