@@ -279,9 +279,9 @@ def main(argv: list[str] | None = None) -> int:
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
     args = build_parser().parse_args(argv)
-    if args.command not in _NO_TORCH:
-        check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
     try:
+        if args.command not in _NO_TORCH:
+            check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: the commands write under temporary names, so nothing half-written stays
         if args.debug:

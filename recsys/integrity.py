@@ -26,7 +26,7 @@ def sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def file_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
     """{path relative to ``folder``: bytes} of every file under it, from one listing (a stat per file would be
-    a request per file on object stores)."""
+    a request per file on object stores). ``folder`` as fsspec names it (local: absolute)."""
     prefix = folder.rstrip("/") + "/"
     return {path[len(prefix) :]: info["size"] for path, info in fs.find(folder, detail=True).items() if path.startswith(prefix)}
 

@@ -72,7 +72,7 @@ def scoring_digest(manifest: dict[str, Any]) -> str:
 def seal(folder: Path, manifest: dict[str, Any]) -> None:
     """Records every file of ``folder`` (size, sha256) and the scoring digest in ``manifest``, then writes it
     as ``folder/manifest.json`` (the folder is the export's temporary folder: nothing else writes it)."""
-    manifest["files"] = integrity.file_records(fsspec.filesystem("file"), str(folder), skip=MANIFEST)
+    manifest["files"] = integrity.file_records(fsspec.filesystem("file"), str(folder.resolve()), skip=MANIFEST)
     manifest["scoring_sha256"] = scoring_digest(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from recsys.cli import main
+from recsys.export import export_model
 from recsys.serving import load
 from recsys.serving.manifest import DamagedExport
 
@@ -155,3 +156,10 @@ def test_export_onto_a_real_full_disk(serving_run, tmp_path: Path, capsys) -> No
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_an_export_to_a_relative_path_records_its_files(serving_run, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    manifest = export_model(serving_run.config, "relative/export")
+    assert {"model.pt", "config.yaml"} <= set(manifest["files"])  # were none: fsspec lists absolute paths
+    assert load("relative/export").verified

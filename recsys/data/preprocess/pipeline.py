@@ -256,14 +256,15 @@ def _run_chunks(
 
 
 def _claim(out: Path, overwrite: bool) -> None:
-    """PreprocessError when ``out`` holds files this tool did not write (unless ``overwrite``): its output
-    (``metadata.json`` with ``tool``) or an unfinished run's ``.work``; an empty folder is free."""
-    if overwrite or not out.is_dir() or (out / ".work").is_dir():
+    """PreprocessError when ``out`` holds files and none of them is this tool's (unless ``overwrite``): its
+    ``metadata.json`` (with ``tool``), an unfinished run's ``.work``, shards (``<split>/part-*/shard.json``)
+    or a vocabulary (``vocab/vocab.json``) left by a run whose metadata is gone; an empty folder is free."""
+    if overwrite or not out.is_dir() or (out / ".work").is_dir() or (out / "vocab" / "vocab.json").is_file():
         return
     try:
         ours = json.loads((out / "metadata.json").read_text()).get("tool") == "recsys preprocess"
     except (OSError, ValueError, AttributeError):
-        ours = False
+        ours = any(out.glob("*/part-*/shard.json"))
     others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
     if others and not ours:
         raise PreprocessError(f"--out {out} holds files `recsys preprocess` did not write ({', '.join(others[:5])}"
