@@ -6,6 +6,11 @@ from __future__ import annotations
 import errno
 import gzip
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ import polars as pl
 import pytest
 
 from recsys.cli import main
+from tests.helpers import child_env
 
 
 def _predict(export: Path, output: Path, *inputs: Path, flags: tuple[str, ...] = ()) -> int:
@@ -103,3 +109,24 @@ def test_ctrl_c_exits_130_without_output(serving_run, tmp_path: Path, monkeypatc
     assert _predict(serving_run.export, tmp_path / "s.parquet", tmp_path / "rows.tsv", flags=("--chunk-mb", "0.05")) == 130
     assert "interrupted" in _one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.tsv"]
+
+
+@pytest.mark.slow  # a real process group and a real SIGINT: workers and the model mid-run
+def test_a_real_ctrl_c_mid_run_exits_130_with_one_line(serving_run, tmp_path: Path) -> None:
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("".join(_lines(serving_run, 5000)) * 40)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "predict", str(serving_run.export), str(rows), "--output",
+         str(out / "scores.parquet"), "--workers", "2", "--chunk-mb", "1", "--no-progress"],
+        env=child_env(), stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:  # until scores are being written
+        if out.is_dir() and any(p.stat().st_size for p in out.iterdir()):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip() == "recsys predict: interrupted; nothing was left half-written", err
+    assert list(out.iterdir()) == []
