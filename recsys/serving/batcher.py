@@ -111,7 +111,7 @@ class Batcher:
         started = time.perf_counter()
         try:
             frames = [p.frame for p in batch]
-            scores = model.score(pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0])
+            scores = model.score(pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0])
             bounds = np.cumsum([0] + [f.height for f in frames])
             results: list[Any] = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             for i, part in enumerate(results):

@@ -68,6 +68,8 @@ def parse_body(body: bytes, content_type: str, spec: RequestSchema) -> pl.DataFr
         raise RequestError(415, "unsupported_media_type", f"Content-Type must be {JSON} or {ARROW}, got {media!r}")
     if candidates.height > spec.max_rows:
         raise RequestError(413, "too_many_rows", f"{candidates.height} rows; at most {spec.max_rows} per request (--max-batch-rows)", "rows")
+    if candidates.height == 0:
+        return pl.DataFrame()
     both = sorted(set(context) & set(candidates.columns))
     if both:
         raise RequestError(400, "bad_request", f"column {both[0]!r} is in both context and the rows", both[0])
