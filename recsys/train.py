@@ -170,7 +170,7 @@ def build_job(config: Config) -> Job:
     splits = load_splits(config)
     data, cfg_train = config.data, config.training
     steps_per_epoch = num_batches(len(splits.train), data.per_rank(env.world_size)[0], env.world_size, data.drop_last)
-    max_steps = cfg_train.max_steps if cfg_train.max_steps > 0 else cfg_train.epochs * steps_per_epoch
+    max_steps = cfg_train.max_steps or cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
     model = build_deepfm(config, device="meta")
@@ -288,6 +288,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         nonlocal last_val
         last_val = run_eval("val", splits.val)
         schedule.on_validation(last_val.metrics, progress["step"])
+        target.check(last_val.metrics["auc"], progress["step"])
         return stopper.update(last_val.metrics, progress["step"])
 
     def checkpoint(best: bool = False) -> str:
@@ -295,6 +296,9 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         return save_checkpoint(run_dir, dmp, optimizer, state, cfg_train.keep_last_checkpoints, best)
 
     steps_per_epoch, max_steps = job.steps_per_epoch, job.max_steps
+    eval_every = cfg_train.eval_every_steps or (max(1, steps_per_epoch // cfg_train.evals_per_epoch)
+                                                if cfg_train.evals_per_epoch else 0)  # fmt: skip
+    target = TargetAUC(cfg_train.target_auc, global_batch, progress["step"], logger, env.is_main)
     last_val: Evaluation | None = None
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
@@ -327,7 +331,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
                                                        **schedule.learning_rates()})
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
             # The epoch's last step validates after this loop, once.
-            eval_now = cfg_train.eval_every_steps and progress["step"] % cfg_train.eval_every_steps == 0
+            eval_now = eval_every and progress["step"] % eval_every == 0
             best = bool(eval_now and not epoch_end) and validate()
             if best or (cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0):
                 checkpoint(best)
@@ -336,18 +340,21 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
                 bar.close()
                 logger.close()
                 raise TrainingStopped(signum, progress["step"], checkpoint())
-            if stopper.stopped:
+            if stopper.stopped or target.reached:
                 break
         bar.close()
         if progress["batch_in_epoch"] >= steps_per_epoch:
             progress["epoch"] += 1
             progress["batch_in_epoch"] = 0
             checkpoint(validate())
-        elif progress["step"] >= max_steps or stopper.stopped:
+            if target.reached:
+                break
+        elif progress["step"] >= max_steps or stopper.stopped or target.reached:
             checkpoint()
             break
 
-    logger.event("stop", progress["step"], **stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps))
+    logger.event("stop", progress["step"], **(target.stop_reason() or stop_reason(stopper, progress["step"], max_steps,
+                                                                                   cfg_train.max_steps)))
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):
         # The final metrics are the best model's, as eval and export see it (training is over: weights only).
         progress["step"] = int(load_checkpoint(on_main_rank(lambda: best_checkpoint(run_dir)), dmp, optimizer=None)["step"])
@@ -366,13 +373,51 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         from recsys.plots import write_plots  # here: matplotlib is imported (and its backend set) by rank 0 only
 
         write_plots(run_dir)
+    target.report(progress["step"])  # last: the run's score
     return result
 
 
-def stop_reason(stopper: EarlyStopping, step: int, max_steps: int, configured_max_steps: int) -> dict[str, str]:
+class TargetAUC:
+    """``training.target_auc``: MLPerf's end of a run (the first validation AUC at or above the target) and
+    its score, the wall time from the first training step to that validation (evaluations included, as
+    MLPerf counts them), with the samples trained and their rate; logged as metrics.jsonl stage "target"."""
+
+    def __init__(self, auc: float, global_batch: int, start_step: int, logger: RunLogger, is_main: bool) -> None:
+        self.auc, self.global_batch, self.start_step = auc, global_batch, start_step
+        self.logger, self.is_main = logger, is_main
+        self.started = time.perf_counter()
+        self.reached: dict | None = None
+
+    def check(self, auc: float, step: int) -> None:
+        if not self.auc or self.reached or auc < self.auc:
+            return
+        seconds = time.perf_counter() - self.started
+        samples = (step - self.start_step) * self.global_batch
+        self.reached = {"target_auc": self.auc, "auc": auc, "seconds_to_target": round(seconds, 3),
+                        "samples": samples, "samples_per_s": round(samples / seconds, 1)}  # fmt: skip
+        self.logger.event("target", step, **self.reached)
+
+    def stop_reason(self) -> dict[str, str] | None:
+        if self.reached is None:
+            return None
+        return {"reason": "target_auc", "detail": f"val AUC {self.reached['auc']:.5f} >= training.target_auc={self.auc}"}
+
+    def report(self, step: int) -> None:
+        """The final line: the time to target (the MLPerf score), or that the target was missed."""
+        if not self.auc or not self.is_main:
+            return
+        if self.reached is None:
+            print(f"target AUC {self.auc} not reached by step {step}")
+            return
+        r = self.reached
+        print(f"time to target: {r['seconds_to_target']:.1f} s (val AUC {r['auc']:.5f} >= {self.auc} at step {step}, "
+              f"{r['samples']:,} samples, {r['samples_per_s']:,.0f} samples/s)")
+
+
+def stop_reason(stopper: EarlyStopping, step: int, max_steps: int, configured_max_steps: int | None) -> dict[str, str]:
     """Why the run ended, for metrics.jsonl."""
     if stopper.stopped:
         return {"reason": "early_stopping", "detail": stopper.reason()}
-    if configured_max_steps > 0 and step >= max_steps:
+    if configured_max_steps is not None and step >= max_steps:
         return {"reason": "max_steps", "detail": f"training.max_steps={configured_max_steps} reached"}
     return {"reason": "epochs", "detail": f"all training.epochs done at step {step}"}

@@ -26,6 +26,7 @@ from torchrec.datasets.utils import Batch
 from recsys.config import UserError
 from recsys.data.batching import make_batch, num_batches, rank_bounds
 from recsys.data.layout import Columns, changed_file, gather_ranges, max_ids
+from recsys.data.torchrec_days import FORMAT, DaysError, open_day
 
 
 class ShardError(UserError):
@@ -73,13 +74,22 @@ def is_shard_split(path: str | Path) -> bool:
 
 
 class _Shard:
-    """One ``part-NNNNN`` folder, memory-mapped."""
+    """One ``part-NNNNN`` folder, or a day of TorchRec's files (``recsys.data.torchrec_days``), memory-mapped.
+    ``modulo``: {feature: table rows} to take ids modulo when gathered (TorchRec's days), else None."""
 
-    def __init__(self, path: Path, rows: int, multi_hot: list[str], grouped: bool) -> None:
+    def __init__(self, path: Path, record: dict, multi_hot: list[str], grouped: bool, sparse: list[str],
+                 modulo: dict[str, int] | None = None) -> None:  # fmt: skip
+        rows = record["rows"]
         try:
-            columns = Columns.load(path, multi_hot, grouped)
+            columns = open_day(record["source"], sparse) if "source" in record else Columns.load(path, multi_hot, grouped)
         except FileNotFoundError as e:
             raise ShardError(f"{path}: incomplete shard ({e.filename} missing); re-run recsys preprocess") from None
+        except DaysError as e:
+            raise ShardError(str(e)) from None
+        self.modulo = None
+        if modulo is not None:
+            one_hot = [f for f in sparse if f not in multi_hot]
+            self.modulo = {"sparse": np.array([modulo[f] for f in one_hot], dtype=np.int64), **modulo}
         self.labels, self.dense, self.sparse = columns.labels, columns.dense, columns.sparse
         self.groups, self.multi = columns.groups, columns.multi
         sizes = {len(self.labels), len(self.dense), len(self.sparse), *(len(v[1]) for v in self.multi.values())}
@@ -95,11 +105,16 @@ class _Shard:
         """labels, dense, sparse and multi-hot (values, lengths) of ``rows``."""
         multi = {}
         for name, (values, lengths) in self.multi.items():
-            if name not in self.offsets:  # [rows + 1] int64, built on first use
-                self.offsets[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             counts = np.asarray(lengths[rows])
-            multi[name] = (np.asarray(values[gather_ranges(self.offsets[name][rows], counts)]), counts)
-        return self.labels[rows], self.dense[rows], self.sparse[rows], multi
+            if values.ndim == 2:  # m ids per row
+                ids = np.asarray(values[rows]).reshape(-1)
+            else:
+                if name not in self.offsets:  # [rows + 1] int64, built on first use
+                    self.offsets[name] = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+                ids = np.asarray(values[gather_ranges(self.offsets[name][rows], counts)])
+            multi[name] = (ids % self.modulo[name] if self.modulo else ids, counts)
+        sparse = self.sparse[rows] % self.modulo["sparse"] if self.modulo else self.sparse[rows]
+        return self.labels[rows], self.dense[rows], sparse, multi
 
 
 class ShardedSplit:
@@ -131,7 +146,10 @@ class ShardedSplit:
         self.table_sizes = [int(self.metadata["table_sizes"][f]) for f in self.sparse_features]
         info = self.metadata["splits"][self.name]
         grouped = bool(self.group)
-        self.shards = [_Shard(path / s["name"], s["rows"], self.multi_hot, grouped) for s in info["shards"]]
+        # TorchRec's day files keep uncapped ids: taken modulo the tables when read, as its readers do.
+        modulo = self.metadata["table_sizes"] if self.metadata.get("format") == FORMAT else None
+        self.shards = [_Shard(path / s["name"], s, self.multi_hot, grouped, self.sparse_features, modulo)
+                       for s in info["shards"]]  # fmt: skip
         for record, shard in zip(info["shards"], self.shards):
             self._check(path / record["name"], shard, record, meta_path)
         self.sizes = np.array([s["rows"] for s in info["shards"]], dtype=np.int64)
@@ -168,6 +186,8 @@ class ShardedSplit:
         """Checks every shard file against the sha256 preprocessing recorded in its ``shard.json``; raises
         ShardError naming the first file that differs (``recsys train --verify``)."""
         for record in self.metadata["splits"][self.name]["shards"]:
+            if "source" in record:
+                continue  # TorchRec's day files: their sizes are checked whenever they are opened
             shard_dir = self.path / record["name"]
             try:
                 checksums = json.loads((shard_dir / "shard.json").read_text())["checksums"]

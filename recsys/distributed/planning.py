@@ -99,21 +99,23 @@ def make_constraints(
     configured get ``open_tables_types`` when given."""
     sharding = config.sharding
     default = TableShardingConfig(sharding.sharding_types, sharding.compute_kernels)
+    ids_per_row = dict(zip(config.data.sparse_features, config.data.multi_hot_sizes))
     constraints = {}
     for table in tables:
         entry = sharding.tables.get(table.name) or next(
             (sharding.tables[f] for f in table.feature_names if f in sharding.tables), default
         )
         sharding_types = entry.sharding_types or open_tables_types
-        if entry == TableShardingConfig() and not sharding_types:
+        # Ids per row and feature (multi-hot sizes; one-hot: 1): the cost model's lookups and input sizes.
+        pooling = [float(ids_per_row.get(f, 1)) for f in table.feature_names]
+        if entry == TableShardingConfig() and not sharding_types and pooling == [1.0] * len(pooling):
             continue
         constraints[table.name] = ParameterConstraints(
             sharding_types=sharding_types or None,
             compute_kernels=entry.compute_kernels or None,
             min_partition=entry.min_partition or None,
             cache_params=CacheParams(load_factor=entry.cache_load_factor) if entry.cache_load_factor else None,
-            # The planner's storage estimate needs one pooling factor per feature (one-hot Criteo: 1).
-            pooling_factors=[1.0] * len(table.feature_names),
+            pooling_factors=pooling,
         )
     return constraints
 

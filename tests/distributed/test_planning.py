@@ -90,7 +90,7 @@ def test_per_table_constraints_reach_the_planner(tiny_criteo: Path, tmp_path: Pa
         ({"C99": {}}, "neither a table"),
         ({"C1": {"sharding_types": ["diagonal"]}}, "is not one of"),
         ({"C1": {"compute_kernels": ["fused"]}, "t_C1": {}}, "name the same table"),
-        ({"C1": {"cache_load_factor": 2.0}}, r"cache_load_factor must be in \[0, 1\]"),
+        ({"C1": {"cache_load_factor": 2.0}}, r"cache_load_factor=2.0: must be in \[0, 1\]"),
         ({"C1": {"speed": 1}}, "unknown key"),
     ],
 )
