@@ -126,8 +126,8 @@ def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) ->
         return results
 
     results = asyncio.run(run())
-    for frame, scores in zip(frames, results):
-        assert np.array_equal(scores, load(serving_run.export).score(frame))
+    for frame, scores in zip(frames, results):  # float32 matmuls round differently at other batch sizes
+        np.testing.assert_allclose(scores, scorer.score(frame), rtol=0, atol=1e-6)
     assert sum(n for _, n in batches) == len(frames) and max(n for _, n in batches) > 1  # requests were joined
     assert max(rows for rows, _ in batches) <= 64
 
