@@ -27,7 +27,7 @@ def token_key_expr(name: str, kind: str) -> pl.Expr:
         return tokens.fill_null(MISSING_KEY).cast(pl.Int64)
     keys = tokens.hash(seed=0).reinterpret(signed=True)
     # keep the sentinel free for empty fields
-    return pl.when(tokens.is_null()).then(MISSING_KEY).when(keys == MISSING_KEY).then(MISSING_KEY + 1).otherwise(keys)
+    return pl.when(tokens.is_null()).then(MISSING_KEY).when(keys == MISSING_KEY).then(MISSING_KEY + 1).otherwise(keys).alias(name)
 
 
 def token_keys(tokens: pl.Series, kind: str) -> np.ndarray:
@@ -103,7 +103,7 @@ def _hash_row_expr(name: str, schema: Schema) -> pl.Expr:
     if schema.kind(name) != "string":
         return (pl.col(name) % schema.buckets(name)).fill_null(0).cast(pl.Int32)
     keys = token_key_expr(name, "string").reinterpret(signed=False)
-    return pl.when(pl.col(name).is_null()).then(0).otherwise(keys % schema.buckets(name)).cast(pl.Int32)
+    return pl.when(pl.col(name).is_null()).then(0).otherwise(keys % schema.buckets(name)).cast(pl.Int32).alias(name)
 
 
 def unique_offsets(uniques: list[np.ndarray]) -> np.ndarray:
