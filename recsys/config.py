@@ -22,6 +22,9 @@ from typing import Any, Union
 
 import yaml
 
+from recsys.models.config import ModelConfig
+from recsys.models.tables import table_features, table_name
+
 
 class UserError(ValueError):
     """A problem the user can fix, named in the message (a file, key or path): the CLI prints the message
@@ -70,32 +73,6 @@ class DataConfig:
             raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must divide by the "
                               f"{world_size} processes; use a multiple of {world_size}")
         return self.batch_size // world_size, -(-self.eval_batch_size // world_size)
-
-
-@dataclass
-class ModelConfig:
-    """DeepFM hyper-parameters.
-
-    ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
-    0 (the default) takes the sizes from the data: the shards' ``metadata.json`` (vocabularies, or the
-    schema's hash buckets). Sizes given with data must equal the shards' (a ConfigError names the features
-    that differ; ``recsys.resolve``); without data (``recsys plan``) they size the tables.
-    ``shared_tables`` maps a table name to features that share it.
-    """
-
-    embedding_dim: int = 16
-    num_embeddings: Union[int, list[int]] = 0
-    pooling: str = "sum"
-    shared_tables: dict[str, list[str]] = field(default_factory=dict)
-    deep_layers: list[int] = field(default_factory=lambda: [128, 64])
-    activation: str = "relu"
-    dropout: float = 0.0
-    batch_norm: bool = False
-    embedding_init_std: float = 1e-2
-    # "bfloat16": the MLP's widest matrix product in bfloat16 (float32 weights, tables, FM and loss); about
-    # twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs, emulated (slower) on other CPUs.
-    # "auto": bfloat16 where it is fast, else float32.
-    mlp_precision: str = "float32"
 
 
 @dataclass
@@ -237,10 +214,11 @@ class Config:
 
 
 # Every option list a config can name, defined once. Registries that map the names to code
-# (``recsys.models.deepfm.ACTIVATIONS``, the optimizers of ``recsys.distributed.optimizers``) are declared
+# (the models of ``recsys.models.registry``, ``recsys.models.layers.ACTIVATIONS``, the optimizers of ``recsys.distributed.optimizers``) are declared
 # through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
 # TorchRec's enums by ``recsys.distributed.planning``.
 CHOICES = {
+    "model.name": ("deepfm",),
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.mlp_precision": ("float32", "bfloat16", "auto"),
@@ -488,9 +466,8 @@ def _validate_sharding(config: Config) -> None:
     if sharding.device_memory_gb < 0 or sharding.host_memory_gb < 0:
         raise ConfigError("sharding.device_memory_gb and sharding.host_memory_gb must be >= 0")
     features = config.data.sparse_features
-    shared = config.model.shared_tables
-    in_shared = {f for group in shared.values() for f in group}
-    tables = [*shared, *(f"t_{f}" for f in features if f not in in_shared)]
+    in_shared = {f for group in config.model.shared_tables.values() for f in group}
+    tables = list(table_features(features, config.model.shared_tables))
     entries = {"sharding": sharding, **{f"sharding.tables.{k}": v for k, v in sharding.tables.items()}}
     for key, entry in entries.items():
         for value in entry.sharding_types:
@@ -507,7 +484,7 @@ def _validate_sharding(config: Config) -> None:
             raise ConfigError(f"sharding.tables.{name}.min_partition must be a non-negative multiple of 4")
         if not features:
             continue  # table names are checked on the resolved config
-        table = name if name in tables else f"t_{name}"
+        table = name if name in tables else table_name(name)
         if table in resolved:
             raise ConfigError(f"sharding.tables: {resolved[table]!r} and {name!r} name the same table {table!r}")
         resolved[table] = name
