@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import yaml
 
-from recsys.models.config import ModelConfig
+from recsys.models.config import ModelConfig, validate_model
 from recsys.models.tables import table_features, table_name
 
 
@@ -218,7 +218,8 @@ class Config:
 # through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
 # TorchRec's enums by ``recsys.distributed.planning``.
 CHOICES = {
-    "model.name": ("deepfm",),
+    "model.name": ("deepfm", "dlrm", "dcnv2", "dlrm_dcnv2"),
+    "model.dcnv2.structure": ("parallel", "stacked"),
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.mlp_precision": ("float32", "bfloat16", "auto"),
@@ -408,6 +409,9 @@ def validate(config: Config) -> None:
             seen.add(feature)
     if not 0.0 <= model.dropout < 1.0:
         raise ConfigError("model.dropout must be in [0, 1)")
+    problems = validate_model(model)
+    if problems:
+        raise ConfigError("; ".join(problems))
     if data.batch_size <= 0 or data.eval_batch_size <= 0:
         raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
     if config.training.table_backward_threads < 0:

@@ -308,6 +308,7 @@ def export_model(
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
+    check_supported(config, quantize, onnx)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
@@ -315,7 +316,6 @@ def export_model(
         raise ExportError(f"--quantize must be one of {sorted(QUANTIZE)}, got {quantize!r}")
     if not 0 < negative_sampling_rate <= 1:
         raise ExportError(f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}")
-    check_supported(config, quantize, onnx)
     out = Path(out_dir)
     _check_destination(out)
     checkpoint = resolve_checkpoint(config.training.run_dir, checkpoint)

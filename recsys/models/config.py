@@ -7,12 +7,45 @@ from typing import Union
 
 
 @dataclass
+class DLRMConfig:
+    """``model.dlrm``: the bottom MLP's hidden widths over the dense features; a last layer maps to
+    ``model.embedding_dim``. The top MLP is ``model.deep_layers``."""
+
+    bottom_layers: list[int] = field(default_factory=lambda: [64])
+
+
+@dataclass
+class DCNv2Config:
+    """``model.dcnv2``: ``cross_layers`` cross layers, full-rank (``low_rank`` 0) or of rank ``low_rank``;
+    ``experts`` > 1 mixes that many low-rank experts per layer (needs ``low_rank``); ``structure``
+    ``parallel`` (cross net beside the DNN ``model.deep_layers``) or ``stacked`` (the DNN on the cross net)."""
+
+    cross_layers: int = 3
+    low_rank: int = 0
+    experts: int = 1
+    structure: str = "parallel"
+
+
+@dataclass
+class DLRMDCNv2Config:
+    """``model.dlrm_dcnv2``: the bottom MLP's hidden widths (a last layer maps to ``model.embedding_dim``),
+    ``cross_layers`` low-rank cross layers of rank ``low_rank`` over the bottom output and the embeddings.
+    The top MLP is ``model.deep_layers``. MLPerf: embedding_dim 128, bottom_layers [512, 256],
+    cross_layers 3, low_rank 512, deep_layers [1024, 1024, 512, 256]."""
+
+    bottom_layers: list[int] = field(default_factory=lambda: [64])
+    cross_layers: int = 3
+    low_rank: int = 64
+
+
+@dataclass
 class ModelConfig:
     """The model (``name``: one of ``recsys.models.registry.MODELS``) and its hyper-parameters.
 
     Every model pools the sparse features through tables of ``embedding_dim`` columns (``recsys.models.tables``)
-    and ends in an MLP of hidden widths ``deep_layers`` (DeepFM's deep part) with ``activation``, ``dropout``
-    and ``batch_norm``.
+    and ends in an MLP of hidden widths ``deep_layers`` (DeepFM's deep part, DCNv2's DNN, DLRM's top MLP) with
+    ``activation``, ``dropout`` and ``batch_norm``. The sections named after a model hold its own keys
+    (``dlrm``, ``dcnv2``, ``dlrm_dcnv2``); other models ignore them.
 
     ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
     0 (the default) takes the sizes from the data: the shards' ``metadata.json`` (vocabularies, or the
@@ -35,3 +68,23 @@ class ModelConfig:
     # twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs, emulated (slower) on other CPUs.
     # "auto": bfloat16 where it is fast, else float32.
     mlp_precision: str = "float32"
+    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
+    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
+    dlrm_dcnv2: DLRMDCNv2Config = field(default_factory=DLRMDCNv2Config)
+
+
+def validate_model(model: ModelConfig) -> list[str]:
+    """Problems of the model-specific sections, one line each (``recsys.config.validate`` raises them)."""
+    problems = []
+    for key, layers in (("dlrm.bottom_layers", model.dlrm.bottom_layers), ("dlrm_dcnv2.bottom_layers", model.dlrm_dcnv2.bottom_layers),
+                        ("deep_layers", model.deep_layers)):  # fmt: skip
+        if any(width <= 0 for width in layers):
+            problems.append(f"model.{key} must be positive widths, got {layers}")
+    for key, value, least in (("dcnv2.cross_layers", model.dcnv2.cross_layers, 1), ("dcnv2.low_rank", model.dcnv2.low_rank, 0),
+                              ("dcnv2.experts", model.dcnv2.experts, 1), ("dlrm_dcnv2.cross_layers", model.dlrm_dcnv2.cross_layers, 1),
+                              ("dlrm_dcnv2.low_rank", model.dlrm_dcnv2.low_rank, 1)):  # fmt: skip
+        if value < least:
+            problems.append(f"model.{key} must be >= {least}, got {value}")
+    if model.dcnv2.experts > 1 and model.dcnv2.low_rank == 0:
+        problems.append("model.dcnv2.experts > 1 mixes low-rank experts: set model.dcnv2.low_rank > 0")
+    return problems

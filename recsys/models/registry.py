@@ -18,7 +18,8 @@ from torchrec.datasets.utils import Batch
 
 from recsys.config import Config, UserError, registry
 from recsys.losses import CTRLoss
-from recsys.models import deepfm, deepfm_export
+from recsys.models import dcnv2, deepfm, deepfm_export, dlrm
+from recsys.serving.modules import int8_linears
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = registry("model.name", {
     "deepfm": ModelSpec(deepfm.build_deepfm, deepfm.FIRST_ORDER_COLUMNS, deepfm_export.int8_parts, onnx=True),
+    "dlrm": ModelSpec(dlrm.build_dlrm, int8_parts=int8_linears, onnx=True),
+    "dcnv2": ModelSpec(dcnv2.build_dcnv2, int8_parts=int8_linears, onnx=True),
+    "dlrm_dcnv2": ModelSpec(dlrm.build_dlrm_dcnv2, int8_parts=int8_linears, onnx=True),
 })
 
 

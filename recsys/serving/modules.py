@@ -169,7 +169,8 @@ class Int8Linear(nn.Module):
         # Frozen parameters, not buffers: torch.fx folds arithmetic on buffers into float32 constants.
         self.weight = nn.Parameter(torch.round(weight / scale).to(torch.int8), requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
-        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(linear.out_features)
+        self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.float() * self.scale, self.bias)
@@ -179,6 +180,25 @@ def _with_parts(model: nn.Module, **parts: nn.Module) -> nn.Module:
     """A copy of ``model`` whose named submodules (``sparse_arch``, ``deep_arch``) are the given stand-ins,
     which take the same call arguments; the replaced modules (the tables with ``sparse_arch``) are not copied."""
     return copy.deepcopy(model, memo={id(getattr(model, name)): part for name, part in parts.items()})
+
+
+def int8_linears(model: nn.Module, width: int) -> Dict[str, nn.Module]:
+    """The generic int8 hook (``ModelSpec.int8_parts``) of a model whose dense parts read the pooled rows'
+    first D columns whatever their width: each child but ``sparse_arch`` that holds ``nn.Linear`` layers, as
+    a copy with them in :class:`Int8Linear` (other weights, e.g. cross-net kernels, stay float32)."""
+
+    def swap(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            return Int8Linear(module)
+        for name, child in module.named_children():
+            setattr(module, name, swap(child))
+        return module
+
+    return {
+        name: swap(copy.deepcopy(child))
+        for name, child in model.named_children()
+        if name != "sparse_arch" and any(isinstance(m, nn.Linear) for m in child.modules())
+    }
 
 
 def compact_for_quantization(
