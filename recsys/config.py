@@ -13,26 +13,24 @@ This module imports no torch, so preprocessing and the CLI parse configs without
 from __future__ import annotations
 
 import dataclasses
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional
 
 import yaml
 
+from recsys.config_fields import (  # noqa: F401 (UserError, ConfigError and read_yaml are imported from here too)
+    FRACTION,
+    POSITIVE,
+    ConfigError,
+    UserError,
+    build_dataclass,
+    read_yaml,
+    setting,
+)
 from recsys.models.config import ModelConfig, validate_model
 from recsys.models.tables import table_features, table_name
-
-
-class UserError(ValueError):
-    """A problem the user can fix, named in the message (a file, key or path): the CLI prints the message
-    and exits 2, without a traceback."""
-
-
-class ConfigError(UserError):
-    """A config file or override that does not fit the schema."""
 
 
 @dataclass
@@ -55,17 +53,20 @@ class DataConfig:
     cache_dir: str = ""
     dense_features: list[str] = field(default_factory=list)
     sparse_features: list[str] = field(default_factory=list)
-    batch_size: int = 4096
-    eval_batch_size: int = 16384
+    batch_size: int = setting(4096, low=1)
+    eval_batch_size: int = setting(16384, low=1)
     shuffle: bool = True
     drop_last: bool = False
-    prefetch_batches: int = 2
+    prefetch_batches: int = setting(2, low=0, zero="batches built in the training thread")
     # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
     # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
-    negative_downsampling: float = 1.0
+    negative_downsampling: float = setting(1.0, low=0, low_open=True, high=1)
     # Column whose raw ids group rows for GAUC (e.g. a user id): the preprocessing schema's `group` (e.g.
     # configs/schemas/synthetic_users.yaml for `recsys generate --users N`). Empty = no GAUC.
     group_column: str = ""
+    # Ids per row of each sparse feature (MLPerf's multi-hot sizes): the pooling factors of the planner's cost
+    # model. Empty: what the shards' multi-hot expansion recorded, else 1 (one-hot).
+    multi_hot_sizes: list[int] = setting(list, low=1)
 
     def per_rank(self, world_size: int) -> tuple[int, int]:
         """(training, evaluation) rows per rank and batch on ``world_size`` processes."""
@@ -85,9 +86,9 @@ class LossConfig:
     """
 
     name: str = "bce"
-    pos_weight: float = 1.0
-    focal_gamma: float = 2.0
-    focal_alpha: float = -1.0
+    pos_weight: float = setting(1.0, **POSITIVE)
+    focal_gamma: float = setting(2.0, low=0)
+    focal_alpha: float = setting(-1.0, high=1)  # negative: no class weighting
 
 
 @dataclass
@@ -95,11 +96,11 @@ class OptimizerConfig:
     """Sparse (embedding) parameters use a fused FBGEMM optimizer applied in backward; dense ones Adam."""
 
     sparse: str = "adagrad"
-    sparse_lr: float = 0.05
-    sparse_eps: float = 1e-8
+    sparse_lr: float = setting(0.05, **POSITIVE)
+    sparse_eps: float = setting(1e-8, **POSITIVE)
     dense: str = "adam"
-    dense_lr: float = 1e-3
-    dense_weight_decay: float = 0.0
+    dense_lr: float = setting(1e-3, **POSITIVE)
+    dense_weight_decay: float = setting(0.0, low=0)
 
 
 @dataclass
@@ -115,29 +116,43 @@ class ScheduleConfig:
     """
 
     name: str = "constant"
-    warmup_steps: int = 0
-    warmup_start_factor: float = 0.0
-    min_factor: float = 0.0
-    step_size: int = 0
-    step_gamma: float = 0.1
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
+    warmup_steps: int = setting(0, low=0, zero="no warmup")
+    warmup_start_factor: float = setting(0.0, **FRACTION)
+    min_factor: float = setting(0.0, **FRACTION)
+    step_size: int = setting(0, low=0, zero="no step decay; name=step needs > 0")
+    step_gamma: float = setting(0.1, low=0, low_open=True, high=1)
+    plateau_factor: float = setting(0.5, low=0, low_open=True, high=1, high_open=True)
+    plateau_patience: int = setting(1, low=1)
     apply_to: list[str] = field(default_factory=lambda: ["dense", "sparse"])
 
 
 @dataclass
 class TrainingConfig:
+    """How long to train, when to validate and checkpoint, and where.
+
+    ``max_steps`` (null: no limit) ends the run early; ``eval_every_steps`` / ``checkpoint_every_steps`` add
+    validations / checkpoints every that many steps (0: off; each epoch end validates and checkpoints
+    anyway). ``nonfinite_patience``: consecutive steps whose loss is NaN or infinite that stop the run (1: the
+    first one); steps with such a loss are never checkpointed.
+    """
+
     # Intra-op threads for FBGEMM's CPU table backward (0: as many as the rest of the step). Its loop over
     # tables scales badly: 8.5 ms on one thread vs 13 ms on two per step on a 2-core box.
-    table_backward_threads: int = 1
-    epochs: int = 1
-    max_steps: int = -1
-    eval_every_steps: int = 0
-    checkpoint_every_steps: int = 0
-    seed: int = 0
+    table_backward_threads: int = setting(1, low=0, zero="the step's own thread count")
+    epochs: int = setting(1, low=1)
+    max_steps: Optional[int] = setting(None, low=1, none="no limit: the epochs decide")
+    eval_every_steps: int = setting(0, low=0, zero="off")
+    checkpoint_every_steps: int = setting(0, low=0, zero="off")
+    nonfinite_patience: int = setting(1, low=1)
+    seed: int = setting(0, low=0)
     run_dir: str = "runs/default"
     resume: bool = True
-    keep_last_checkpoints: int = 3
+    keep_last_checkpoints: int = setting(3, low=1)
+    # Validations per epoch, evenly spaced (MLPerf: 20); used when eval_every_steps is 0.
+    evals_per_epoch: int = setting(0, low=0, zero="off")
+    # Stop at the first validation whose AUC reaches this (MLPerf DLRM-DCNv2: 0.80275) and record the time to
+    # it (metrics.jsonl stage "target", and the final line).
+    target_auc: float = setting(0.0, low=0, high=1, high_open=True, zero="no target")
 
 
 @dataclass
@@ -149,8 +164,8 @@ class EarlyStoppingConfig:
 
     enabled: bool = False
     monitor: str = "auc"
-    patience: int = 2
-    min_delta: float = 0.0
+    patience: int = setting(2, low=1)
+    min_delta: float = setting(0.0, low=0)
 
 
 # TorchRec's ShardingType / EmbeddingComputeKernel values a config may name.
@@ -168,8 +183,8 @@ class TableShardingConfig:
 
     sharding_types: list[str] = field(default_factory=list)
     compute_kernels: list[str] = field(default_factory=list)
-    cache_load_factor: float = 0.0
-    min_partition: int = 0
+    cache_load_factor: float = setting(0.0, low=0, high=1, zero="TorchRec's default")
+    min_partition: int = setting(0, low=0, zero="no minimum; else a multiple of 4")
 
 
 @dataclass
@@ -185,8 +200,8 @@ class ShardingConfig:
     compute_device: str = "auto"
     sharding_types: list[str] = field(default_factory=list)
     compute_kernels: list[str] = field(default_factory=list)
-    device_memory_gb: float = 0.0
-    host_memory_gb: float = 0.0
+    device_memory_gb: float = setting(0.0, low=0, zero="the device's own size")
+    host_memory_gb: float = setting(0.0, low=0, zero="the host's own size")
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
 
@@ -194,7 +209,7 @@ class ShardingConfig:
 class LoggingConfig:
     progress_bar: bool = True
     tensorboard: bool = True
-    log_every_steps: int = 50
+    log_every_steps: int = setting(50, low=0, zero="at epoch ends only")
 
 
 @dataclass
@@ -214,8 +229,8 @@ class Config:
 
 
 # Every option list a config can name, defined once. Registries that map the names to code
-# (the models of ``recsys.models.registry``, ``recsys.models.layers.ACTIVATIONS``, the optimizers of ``recsys.distributed.optimizers``) are declared
-# through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
+# (the models of ``recsys.models.registry``, ``recsys.models.layers.ACTIVATIONS``, the optimizers of
+# ``recsys.distributed.optimizers``) are declared through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
 # TorchRec's enums by ``recsys.distributed.planning``.
 CHOICES = {
     "model.name": ("deepfm", "dlrm", "dcnv2", "dlrm_dcnv2"),
@@ -239,81 +254,6 @@ def registry(key: str, mapping: dict[str, T]) -> dict[str, T]:
     if set(mapping) != set(CHOICES[key]):
         raise TypeError(f"registry for {key} has {sorted(mapping)}, config.CHOICES lists {sorted(CHOICES[key])}")
     return mapping
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-_YAML11_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _check_value(value: Any, tp: Any, key: str) -> Any:
-    """Returns ``value`` converted to ``tp`` or raises ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _check_value(value, option, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_tp, val_tp = typing.get_args(tp)
-        return {_check_value(k, key_tp, key): _check_value(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value):
-            return float(value)  # PyYAML reads 1e-6 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value if value is not None else {}, key)
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def build_dataclass(cls: type[T], values: dict[str, Any], prefix: str) -> T:
-    """``cls(**values)`` with every value type-checked (nested dataclasses too) and every key known;
-    ``prefix`` names the section in errors. Run configs and preprocessing schemas are both read this way."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        where = f"section '{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {valid}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = build_dataclass(tp, value or {}, key)
-        else:
-            kwargs[name] = _check_value(value, tp, key)
-            if key in CHOICES and kwargs[name] not in CHOICES[key]:
-                raise ConfigError(f"{key}: {value!r} is not one of {list(CHOICES[key])}")
-    return cls(**kwargs)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -356,27 +296,24 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
     merged = _merge(values or {}, parse_overrides(overrides or []))
-    config = build_dataclass(Config, merged, "")
+    config = build_dataclass(Config, merged, "", CHOICES)
     validate(config)
     return config
 
 
-def read_yaml(path: Path, what: str = "config file") -> Any:
-    """``yaml.safe_load`` of a file; a ConfigError naming it when it is missing or not YAML."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder, not a {what}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+def _yaml_kind(value: Any) -> str:
+    return "list" if isinstance(value, list) else f"scalar ({type(value).__name__} {str(value)[:40]!r})"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Loads a YAML config and applies ``key.sub=value`` overrides; raises ConfigError on any mismatch."""
     path = Path(path)
-    values = read_yaml(path) or {}
+    values = read_yaml(path)
+    if values is None:
+        values = {}  # an empty file: every default
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: not a config file: it holds a YAML {_yaml_kind(values)}, not a mapping of "
+                          f"sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
     try:
         return config_from_dict(values, overrides)
     except ConfigError as e:
@@ -387,8 +324,6 @@ def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express. Checks that need the sparse features run once
     they are known: at load time when the config lists them, else on the resolved config."""
     model, data = config.model, config.data
-    if model.embedding_dim <= 0:
-        raise ConfigError("model.embedding_dim must be positive")
     if isinstance(model.num_embeddings, list):
         if data.sparse_features and len(model.num_embeddings) != len(data.sparse_features):
             raise ConfigError(
@@ -407,19 +342,10 @@ def validate(config: Config) -> None:
             if feature in seen:
                 raise ConfigError(f"model.shared_tables: feature {feature!r} is in more than one table")
             seen.add(feature)
-    if not 0.0 <= model.dropout < 1.0:
-        raise ConfigError("model.dropout must be in [0, 1)")
-    problems = validate_model(model)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if data.batch_size <= 0 or data.eval_batch_size <= 0:
-        raise ConfigError("data.batch_size and data.eval_batch_size must be positive")
-    if config.training.table_backward_threads < 0:
-        raise ConfigError("training.table_backward_threads must be >= 0 (0: the step's own thread count)")
-    if config.training.keep_last_checkpoints < 1:
-        raise ConfigError("training.keep_last_checkpoints must be at least 1")
-    if not 0.0 < data.negative_downsampling <= 1.0:
-        raise ConfigError("data.negative_downsampling must be in (0, 1] (the fraction of negatives kept)")
+    if data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features):
+        raise ConfigError(f"data.multi_hot_sizes has {len(data.multi_hot_sizes)} entries but there are "
+                          f"{len(data.sparse_features)} sparse features")
+    validate_model(model)
     _validate_recipe(config)
     _validate_sharding(config)
 
@@ -430,36 +356,15 @@ SCHEDULE_TARGETS = ("dense", "sparse")
 
 
 def _validate_recipe(config: Config) -> None:
-    loss, schedule, stopping = config.loss, config.schedule, config.early_stopping
-    if loss.pos_weight <= 0:
-        raise ConfigError("loss.pos_weight must be positive")
-    if loss.focal_gamma < 0:
-        raise ConfigError("loss.focal_gamma must be >= 0")
-    if loss.focal_alpha > 1:
-        raise ConfigError("loss.focal_alpha must be in [0, 1], or negative for no class weighting")
+    schedule, stopping = config.schedule, config.early_stopping
     for target in schedule.apply_to:
         if target not in SCHEDULE_TARGETS:
             raise ConfigError(
                 f"schedule.apply_to: {target!r} is not one of {list(SCHEDULE_TARGETS)}; FBGEMM keeps one "
                 "learning rate for all tables fused into a kernel, so a schedule cannot single out tables"
             )
-    if schedule.warmup_steps < 0:
-        raise ConfigError("schedule.warmup_steps must be >= 0")
-    for key in ("warmup_start_factor", "min_factor"):
-        if not 0.0 <= getattr(schedule, key) <= 1.0:
-            raise ConfigError(f"schedule.{key} must be in [0, 1]")
     if schedule.name == "step" and schedule.step_size <= 0:
         raise ConfigError("schedule.name=step needs schedule.step_size > 0 (steps between decays)")
-    if not 0.0 < schedule.step_gamma <= 1.0:
-        raise ConfigError("schedule.step_gamma must be in (0, 1]")
-    if not 0.0 < schedule.plateau_factor < 1.0:
-        raise ConfigError("schedule.plateau_factor must be in (0, 1)")
-    if schedule.plateau_patience < 1:
-        raise ConfigError("schedule.plateau_patience must be at least 1")
-    if stopping.patience < 1:
-        raise ConfigError("early_stopping.patience must be at least 1")
-    if stopping.min_delta < 0:
-        raise ConfigError("early_stopping.min_delta must be >= 0")
     watched = stopping.enabled or schedule.name == "plateau"
     if watched and stopping.monitor == "gauc" and not config.data.group_column:
         raise ConfigError("early_stopping.monitor=gauc needs data.group_column (the column GAUC groups by)")
@@ -467,8 +372,6 @@ def _validate_recipe(config: Config) -> None:
 
 def _validate_sharding(config: Config) -> None:
     sharding = config.sharding
-    if sharding.device_memory_gb < 0 or sharding.host_memory_gb < 0:
-        raise ConfigError("sharding.device_memory_gb and sharding.host_memory_gb must be >= 0")
     features = config.data.sparse_features
     in_shared = {f for group in config.model.shared_tables.values() for f in group}
     tables = list(table_features(features, config.model.shared_tables))
@@ -482,10 +385,8 @@ def _validate_sharding(config: Config) -> None:
                 raise ConfigError(f"{key}.compute_kernels: {value!r} is not one of {list(COMPUTE_KERNELS)}")
     resolved: dict[str, str] = {}
     for name, entry in sharding.tables.items():
-        if not 0.0 <= entry.cache_load_factor <= 1.0:
-            raise ConfigError(f"sharding.tables.{name}.cache_load_factor must be in [0, 1]")
-        if entry.min_partition < 0 or entry.min_partition % 4:
-            raise ConfigError(f"sharding.tables.{name}.min_partition must be a non-negative multiple of 4")
+        if entry.min_partition % 4:
+            raise ConfigError(f"sharding.tables.{name}.min_partition must be a multiple of 4")
         if not features:
             continue  # table names are checked on the resolved config
         table = name if name in tables else table_name(name)

@@ -52,7 +52,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import recsys
-from recsys.checkpoint import read_tensors, resolve_checkpoint
+from recsys.checkpoint import check_shapes, read_tensors, resolve_checkpoint
 from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
@@ -106,6 +106,7 @@ def load_unsharded(config: Config, checkpoint: str) -> torch.nn.Module:
     AMX), and ONNX Runtime has no bfloat16 Gemm on CPU."""
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="float32"))
     wrapper = CTRTrain(build_model(config, device="cpu"))
+    check_shapes(checkpoint, {name: value.shape for name, value in wrapper.state_dict().items()})
     wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval().requires_grad_(False)
 
@@ -197,14 +198,15 @@ def split_aucs(models: list[torch.jit.ScriptModule], config: Config) -> list[flo
 
 def _parity_inputs(config: Config, bad_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dense [B, F_dense], values [L], lengths [F_sparse, B]) from the first test rows, with a NaN and an
-    inf dense value and, if ``bad_ids``, a negative and an out-of-range id (models must clean them alike)."""
+    inf dense value (where F_dense > 0) and, if ``bad_ids``, a negative and an out-of-range id (models must clean them alike)."""
     batch = next(model_batches(config, PARITY_ROWS))
     rows = min(PARITY_ROWS, len(batch.labels))
     kjt = batch.sparse_features
     lengths = kjt.lengths().view(len(kjt.keys()), -1)[:, :rows].long().contiguous()
     values = torch.cat([v[: int(n)] for v, n in zip(kjt.values().split(kjt.length_per_key()), lengths.sum(1))])
     dense = batch.dense_features[:rows].clone()
-    dense[0, 0], dense[-1, -1] = float("nan"), float("inf")
+    if dense.size(1):  # schemas without dense features (Avazu) have none to spoil
+        dense[0, 0], dense[-1, -1] = float("nan"), float("inf")
     if bad_ids:
         values[0], values[-1] = -3, 1 << 40
     return dense, values.long(), lengths

@@ -47,14 +47,16 @@ def resolve_config(config: Config) -> Config:
     if any(Path(path).exists() for path in paths.values()):
         paths = _shard_splits(config, paths)
         data = dataclasses.replace(data, **paths)
-        dense, sparse, sizes = _from_shards(dataclasses.replace(config, data=data), paths)
+        dense, sparse, sizes, multi_hot = _from_shards(dataclasses.replace(config, data=data), paths)
     else:
         schema = load_schema(data.schema)
         dense, sparse = data.dense_features or schema.dense, data.sparse_features or schema.sparse
         sizes = _per_feature(config.model.num_embeddings or ABSENT_DATA_TABLE_ROWS, sparse)
+        multi_hot = []
     resolved = dataclasses.replace(
         config,
-        data=dataclasses.replace(data, dense_features=list(dense), sparse_features=list(sparse)),
+        data=dataclasses.replace(data, dense_features=list(dense), sparse_features=list(sparse),
+                                 multi_hot_sizes=data.multi_hot_sizes or multi_hot),
         model=dataclasses.replace(config.model, num_embeddings=sizes),
     )
     validate(resolved)
@@ -90,7 +92,8 @@ def _shard_splits(config: Config, paths: dict[str, str]) -> dict[str, str]:
     return paths
 
 
-def _from_shards(config: Config, paths: dict[str, str]) -> tuple[list[str], list[str], list[int]]:
+def _from_shards(config: Config, paths: dict[str, str]) -> tuple[list[str], list[str], list[int], list[int]]:
+    """Dense and sparse features, table sizes and the multi-hot sizes (empty: not recorded) of the shards."""
     data = config.data
     files = {key: Path(path).parent / "metadata.json" for key, path in paths.items()}
     metadata = {file: read_metadata(file) for file in set(files.values())}  # the splits usually share one
@@ -123,4 +126,5 @@ def _from_shards(config: Config, paths: dict[str, str]) -> tuple[list[str], list
                 "leave model.num_embeddings unset (0) to take the shards' table sizes, or preprocess with "
                 "matching --hash-buckets"
             )
-    return list(features["dense"]), sparse, sizes
+    expansion = meta.get("multi_hot_expansion") or {}
+    return list(features["dense"]), sparse, sizes, list(expansion.get("sizes", []))

@@ -75,11 +75,11 @@ def test_unknown_override_key_fails() -> None:
         ({"data": {"sparse_features": ["C1"]}, "model": {"num_embeddings": [10, 20]}}, "model.num_embeddings has 2 entries"),
         ({"data": {"sparse_features": ["C1", "C2"]}, "model": {"shared_tables": {"t": ["C1", "X9"]}}}, "unknown sparse feature 'X9'"),
         ({"loss": {"name": "hinge"}}, r"loss.name: 'hinge' is not one of \['bce', 'focal'\]"),
-        ({"loss": {"pos_weight": 0}}, "loss.pos_weight must be positive"),
-        ({"loss": {"focal_alpha": 2}}, r"loss.focal_alpha must be in \[0, 1\]"),
-        ({"data": {"negative_downsampling": 0}}, r"data.negative_downsampling must be in \(0, 1\]"),
+        ({"loss": {"pos_weight": 0}}, r"loss.pos_weight=0.0: must be > 0"),
+        ({"loss": {"focal_alpha": 2}}, r"loss.focal_alpha=2.0: must be <= 1"),
+        ({"data": {"negative_downsampling": 0}}, r"data.negative_downsampling=0.0: must be in \(0, 1\]"),
         ({"early_stopping": {"monitor": "ne"}}, "early_stopping.monitor: 'ne' is not one of"),
-        ({"early_stopping": {"patience": 0}}, "early_stopping.patience must be at least 1"),
+        ({"early_stopping": {"patience": 0}}, "early_stopping.patience=0: must be >= 1"),
         ({"early_stopping": {"enabled": True, "monitor": "gauc"}}, "monitor=gauc needs data.group_column"),
     ],
 )
@@ -111,3 +111,54 @@ def test_exponent_without_dot_is_a_number() -> None:
     assert config.optimizer.sparse_eps == 1e-6 and config.optimizer.sparse_lr == 2e-3
     with pytest.raises(ConfigError, match="optimizer.sparse_lr"):
         config_from_dict({}, ["optimizer.sparse_lr=fast"])
+
+
+# The hostile values (each trained or crashed before: sparse_lr=-1 to logloss 376,594, epochs=0 reported an
+# untrained model, deep_layers=[0] built an empty layer, negative intervals meant something else) and one of every
+# other kind of declared range.
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer.sparse_lr=-1", r"optimizer.sparse_lr=-1.0: must be > 0"),
+        ("optimizer.dense_lr=-1", r"optimizer.dense_lr=-1.0: must be > 0"),
+        ("optimizer.dense_lr=0", r"optimizer.dense_lr=0.0: must be > 0"),
+        ("training.epochs=0", r"training.epochs=0: must be >= 1"),
+        ("model.deep_layers=[]", r"model.deep_layers: \[\] is empty; give at least one entry, each >= 1"),
+        ("model.deep_layers=[-3]", r"model.deep_layers\[0\]=-3 in \[-3\]: each entry must be >= 1"),
+        ("model.deep_layers=[64,0]", r"model.deep_layers\[1\]=0 in \[64, 0\]: each entry must be >= 1"),
+        ("model.embedding_dim=0", r"model.embedding_dim=0: must be >= 1"),
+        ("training.eval_every_steps=-5", r"training.eval_every_steps=-5: must be >= 0 \(0 = off\)"),
+        ("training.checkpoint_every_steps=-1", r"training.checkpoint_every_steps=-1: must be >= 0 \(0 = off\)"),
+        ("training.max_steps=0", r"training.max_steps=0: must be >= 1 \(null = no limit"),
+        ("training.max_steps=-1", r"training.max_steps=-1: must be >= 1"),
+        ("training.nonfinite_patience=0", r"training.nonfinite_patience=0: must be >= 1"),
+        ("training.seed=-1", r"training.seed=-1: must be >= 0"),
+        ("data.batch_size=0", r"data.batch_size=0: must be >= 1"),
+        ("model.dropout=1", r"model.dropout=1.0: must be in \[0, 1\)"),
+        ("optimizer.sparse_lr=.nan", r"optimizer.sparse_lr=nan: must be > 0"),
+        ("schedule.step_gamma=0", r"schedule.step_gamma=0.0: must be in \(0, 1\]"),
+        ("sharding.device_memory_gb=-1", r"sharding.device_memory_gb=-1.0: must be >= 0 \(0 = the device's own size\)"),
+        ("sharding.tables={C1: {cache_load_factor: 2}}", r"sharding.tables.C1.cache_load_factor=2.0: must be in \[0, 1\]"),
+        ("logging.log_every_steps=-1", r"logging.log_every_steps=-1: must be >= 0 \(0 = at epoch ends only\)"),
+    ],
+)
+def test_out_of_range_values_fail_naming_the_key_and_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, [override])
+
+
+def test_max_steps_null_means_no_limit() -> None:
+    assert config_from_dict({}, ["training.max_steps=null"]).training.max_steps is None
+    assert config_from_dict({}, ["training.max_steps=7"]).training.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    "content, holds",
+    [(b"- a\n- b\n", "a YAML list"), (b"42\n", "a YAML scalar"), (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not UTF-8 text")],
+    ids=["list", "scalar", "binary"],
+)
+def test_a_config_file_that_is_not_a_mapping_is_refused_naming_it(tmp_path: Path, content: bytes, holds: str) -> None:
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"{path}: not a config file: .*{holds}"):
+        load_config(path)

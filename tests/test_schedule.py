@@ -96,8 +96,8 @@ def test_apply_to_picks_optimizers_and_reports_rates() -> None:
         ({"apply_to": ["t_C1"]}, "FBGEMM keeps one learning rate for all tables fused into a kernel"),
         ({"name": "step"}, "needs schedule.step_size > 0"),
         ({"name": "warm"}, "schedule.name: 'warm' is not one of"),
-        ({"min_factor": 1.5}, r"schedule.min_factor must be in \[0, 1\]"),
-        ({"plateau_factor": 1.0}, r"plateau_factor must be in \(0, 1\)"),
+        ({"min_factor": 1.5}, r"schedule.min_factor=1.5: must be in \[0, 1\]"),
+        ({"plateau_factor": 1.0}, r"plateau_factor=1.0: must be in \(0, 1\)"),
     ],
 )
 def test_bad_schedules_fail_naming_the_key(schedule: dict, message: str) -> None:

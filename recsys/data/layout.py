@@ -6,7 +6,8 @@ A shard is a folder of ``.npy`` arrays with the same number of rows N:
 - ``labels.npy`` int8 [N] (-1: unlabelled);
 - ``dense.npy`` float32 [N, F_dense], already transformed;
 - ``sparse.npy`` int32 [N, F_one_hot]: table rows of the one-hot features, in schema order;
-- ``<feature>.values.npy`` int32 [L] and ``<feature>.lengths.npy`` int32 [N] per multi-hot feature;
+- ``<feature>.values.npy`` int32 [L] and ``<feature>.lengths.npy`` int32 [N] per multi-hot feature; a feature
+  with m ids in every row (MLPerf's expansion, ``recsys.data.multi_hot``) stores values [N, m] and no lengths;
 - ``groups.npy`` int64 [N] raw keys of the schema's group column (GAUC), when it has one;
 - ``shard.json``: row count, positives, largest id per feature, sha256 of every array, the run's fingerprint.
 """
@@ -28,8 +29,8 @@ def multi_hot_arrays(feature: str) -> tuple[str, str]:
 @dataclass
 class Columns:
     """Rows in the shard layout: labels [N] int8, dense [N, Fd] float32, sparse [N, F1] and, per multi-hot
-    feature, values [L] and lengths [N] int32. Ids are int32: codes (vocab mode) or rows (hash mode) in chunk
-    parts, table rows in shards.
+    feature, values [L] (or [N, m]: m ids per row) and lengths [N] int32. Ids are int32: codes (vocab mode)
+    or rows (hash mode) in chunk parts, table rows in shards.
     ``groups`` [N] int64: raw keys of the schema's group column (never mapped), or None."""
 
     labels: np.ndarray
@@ -44,6 +45,9 @@ class Columns:
     def take(self, rows: np.ndarray) -> "Columns":
         multi = {}
         for name, (values, lengths) in self.multi.items():
+            if values.ndim == 2:
+                multi[name] = (values[rows], lengths[rows])
+                continue
             offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
             multi[name] = (values[gather_ranges(offsets[rows], lengths[rows])], lengths[rows])
         groups = None if self.groups is None else self.groups[rows]
@@ -51,8 +55,12 @@ class Columns:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """{array name: array}: a shard folder holds one ``<name>.npy`` per entry."""
-        multi = {name: array for f, (values, lengths) in self.multi.items()
-                 for name, array in zip(multi_hot_arrays(f), (values, lengths))}  # fmt: skip
+        multi = {}
+        for feature, (values, lengths) in self.multi.items():
+            values_name, lengths_name = multi_hot_arrays(feature)
+            multi[values_name] = values
+            if values.ndim == 1:  # [N, m] values need no lengths
+                multi[lengths_name] = lengths
         groups = {} if self.groups is None else {"groups": self.groups}
         return {"labels": self.labels, "dense": self.dense, "sparse": self.sparse, **multi, **groups}
 
@@ -61,7 +69,13 @@ class Columns:
         """The arrays of a shard folder, memory-mapped: nothing is read until rows are gathered.
         FileNotFoundError names a missing array."""
         load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        multi = {f: tuple(load(name) for name in multi_hot_arrays(f)) for f in multi_hot}
+        multi = {}
+        for feature in multi_hot:
+            values_name, lengths_name = multi_hot_arrays(feature)
+            values = load(values_name)
+            fixed = values.ndim == 2  # m ids per row: the lengths are m throughout
+            multi[feature] = (values, np.broadcast_to(np.int32(values.shape[1]), values.shape[:1]) if fixed
+                              else load(lengths_name))
         return cls(load("labels"), load("dense"), load("sparse"), multi, load("groups") if grouped else None)
 
 

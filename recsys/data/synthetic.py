@@ -44,7 +44,7 @@ CRITEO_KAGGLE_ZIPF = 1.05
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """Counter-based 64-bit mixer (Steele et al.): independent-looking outputs for consecutive inputs."""
     with np.errstate(over="ignore"):
         z = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
@@ -58,8 +58,8 @@ def _hash_normal(seed: int, feature: int, ids: np.ndarray, slot: int) -> np.ndar
     key = np.uint64((seed * 1_000_003 + feature * 1009 + slot * 7) & 0xFFFFFFFFFFFF) << np.uint64(16)
     with np.errstate(over="ignore"):
         base = (ids.astype(np.uint64) * np.uint64(0x100000001B3) + key) & _MASK64
-    u1 = (_splitmix64(base) >> np.uint64(11)).astype(np.float64) / 2.0**53
-    u2 = (_splitmix64(base ^ np.uint64(0x5555555555555555)) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u1 = (splitmix64(base) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u2 = (splitmix64(base ^ np.uint64(0x5555555555555555)) >> np.uint64(11)).astype(np.float64) / 2.0**53
     return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
 
 
@@ -96,7 +96,7 @@ def _zipf_cdf(vocab: int, exponent: float) -> np.ndarray:
 def hex_id(seed: int, feature: int, ranks: np.ndarray) -> np.ndarray:
     """The 32-bit token written for latent id ``rank`` of ``feature`` (as Criteo's hashed 8-hex ids)."""
     key = np.uint64(((seed + 1) * 2654435761 + feature * 40503) & 0xFFFFFFFF) << np.uint64(32)
-    return (_splitmix64(ranks.astype(np.uint64) | key) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return (splitmix64(ranks.astype(np.uint64) | key) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
 def generate_chunk(spec: SyntheticSpec, chunk_index: int, rows: int) -> dict[str, np.ndarray]:

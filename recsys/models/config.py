@@ -1,9 +1,13 @@
-"""The ``model`` section of a run config: plain dataclasses, no torch (``recsys.config`` loads without it)."""
+"""The ``model`` section of a run config: plain dataclasses, no torch (``recsys.config`` loads without it).
+
+Numeric keys declare their ranges (``recsys.config_fields.setting``), checked as the config is read."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Union
+
+from recsys.config_fields import POSITIVE, ConfigError, setting
 
 
 @dataclass
@@ -11,7 +15,7 @@ class DLRMConfig:
     """``model.dlrm``: the bottom MLP's hidden widths over the dense features; a last layer maps to
     ``model.embedding_dim``. The top MLP is ``model.deep_layers``."""
 
-    bottom_layers: list[int] = field(default_factory=lambda: [64])
+    bottom_layers: list[int] = setting(lambda: [64], low=1)
 
 
 @dataclass
@@ -20,9 +24,9 @@ class DCNv2Config:
     ``experts`` > 1 mixes that many low-rank experts per layer (needs ``low_rank``); ``structure``
     ``parallel`` (cross net beside the DNN ``model.deep_layers``) or ``stacked`` (the DNN on the cross net)."""
 
-    cross_layers: int = 3
-    low_rank: int = 0
-    experts: int = 1
+    cross_layers: int = setting(3, low=1)
+    low_rank: int = setting(0, low=0, zero="full rank")
+    experts: int = setting(1, low=1)
     structure: str = "parallel"
 
 
@@ -33,9 +37,9 @@ class DLRMDCNv2Config:
     The top MLP is ``model.deep_layers``. MLPerf: embedding_dim 128, bottom_layers [512, 256],
     cross_layers 3, low_rank 512, deep_layers [1024, 1024, 512, 256]."""
 
-    bottom_layers: list[int] = field(default_factory=lambda: [64])
-    cross_layers: int = 3
-    low_rank: int = 64
+    bottom_layers: list[int] = setting(lambda: [64], low=1)
+    cross_layers: int = setting(3, low=1)
+    low_rank: int = setting(64, low=1)
 
 
 @dataclass
@@ -55,15 +59,15 @@ class ModelConfig:
     """
 
     name: str = "deepfm"
-    embedding_dim: int = 16
+    embedding_dim: int = setting(16, low=1)
     num_embeddings: Union[int, list[int]] = 0
     pooling: str = "sum"
     shared_tables: dict[str, list[str]] = field(default_factory=dict)
-    deep_layers: list[int] = field(default_factory=lambda: [128, 64])
+    deep_layers: list[int] = setting(lambda: [128, 64], low=1, nonempty=True)
     activation: str = "relu"
-    dropout: float = 0.0
+    dropout: float = setting(0.0, low=0, high=1, high_open=True)
     batch_norm: bool = False
-    embedding_init_std: float = 1e-2
+    embedding_init_std: float = setting(1e-2, **POSITIVE)
     # "bfloat16": the MLP's widest matrix product in bfloat16 (float32 weights, tables, FM and loss); about
     # twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs, emulated (slower) on other CPUs.
     # "auto": bfloat16 where it is fast, else float32.
@@ -73,18 +77,7 @@ class ModelConfig:
     dlrm_dcnv2: DLRMDCNv2Config = field(default_factory=DLRMDCNv2Config)
 
 
-def validate_model(model: ModelConfig) -> list[str]:
-    """Problems of the model-specific sections, one line each (``recsys.config.validate`` raises them)."""
-    problems = []
-    for key, layers in (("dlrm.bottom_layers", model.dlrm.bottom_layers), ("dlrm_dcnv2.bottom_layers", model.dlrm_dcnv2.bottom_layers),
-                        ("deep_layers", model.deep_layers)):  # fmt: skip
-        if any(width <= 0 for width in layers):
-            problems.append(f"model.{key} must be positive widths, got {layers}")
-    for key, value, least in (("dcnv2.cross_layers", model.dcnv2.cross_layers, 1), ("dcnv2.low_rank", model.dcnv2.low_rank, 0),
-                              ("dcnv2.experts", model.dcnv2.experts, 1), ("dlrm_dcnv2.cross_layers", model.dlrm_dcnv2.cross_layers, 1),
-                              ("dlrm_dcnv2.low_rank", model.dlrm_dcnv2.low_rank, 1)):  # fmt: skip
-        if value < least:
-            problems.append(f"model.{key} must be >= {least}, got {value}")
+def validate_model(model: ModelConfig) -> None:
+    """Cross-key checks of the model sections that ranges cannot express."""
     if model.dcnv2.experts > 1 and model.dcnv2.low_rank == 0:
-        problems.append("model.dcnv2.experts > 1 mixes low-rank experts: set model.dcnv2.low_rank > 0")
-    return problems
+        raise ConfigError("model.dcnv2.experts > 1 mixes low-rank experts: set model.dcnv2.low_rank > 0")

@@ -26,7 +26,7 @@ MISSING_KEY = np.iinfo(np.int64).min  # an empty field; an id token with this va
 # feature << 48 | key: polars groups and looks up one column 2-3x faster than two.
 PACK_BITS = 48
 
-# Memory model used to size the worker pool (measured on Criteo rows, see README "Preprocessing").
+# Memory model used to size the worker pool (measured on Criteo rows, see docs/performance.md, "Preprocessing and the loader").
 MAIN_BASE_BYTES = 120 << 20  # the main process: python, numpy, polars (62 MB) and the chunks' results
 WORKER_BASE_BYTES = 60 << 20  # a forked worker's private memory before it touches a chunk
 WORKER_BYTES_PER_INPUT_BYTE = 7  # raw bytes + polars string columns + parsed columns + outputs
