@@ -85,6 +85,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from recsys.serving.server import ServeConfig, serve
+
+    return serve(ServeConfig(args.export, host=args.host, port=args.port, workers=args.workers,
+                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads))
+
+
 def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.distributed.planning import PlanError, dry_run, format_report
@@ -236,6 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model's intra-op threads (default: the cores the workers leave, at least 1)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(func=_predict)
+
+    sv = sub.add_parser(
+        "serve",
+        help="online scoring over HTTP: batching, health/readiness probes, Prometheus metrics, export swap",
+        description="Serves an export folder: POST /v1/score (JSON rows or columns, optional shared context; "
+        "or an Arrow IPC stream) -> one probability per row, with predict's transforms; GET /healthz, /readyz, "
+        "/metrics, /v1/model; POST /admin/reload or SIGHUP swaps in an export (a broken one is refused); "
+        "SIGTERM drains in-flight requests and exits 0. See docs/serving_online.md.",
+    )
+    sv.add_argument("export", help="folder written by `recsys export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    sv.add_argument("--max-batch-rows", type=int, default=4096,
+                    help="rows per model batch across requests; also the most rows one request may carry (413)")
+    sv.add_argument("--max-wait-ms", type=float, default=1.0,
+                    help="how long a batch waits for more requests after its first")
+    sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
+    sv.set_defaults(func=_serve)
 
     pl = _config_command(
         sub,
