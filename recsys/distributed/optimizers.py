@@ -30,7 +30,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recsys.config import Config, ConfigError, registry
+from recsys.config import Config, check_device, registry
 
 # Classes FBGEMM fuses into the embedding backward (torchrec maps each to an EmbOptimType).
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = registry("optimizer.sparse", {
@@ -61,17 +61,9 @@ def sparse_optimizer_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
-# FBGEMM's CPU embedding kernels implement only these fused optimizers (Adam is CUDA-only).
-CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
-
-
 def attach_sparse_optimizer(model: nn.Module, config: Config, device: torch.device) -> None:
     """Registers the fused optimizer on every EmbeddingBagCollection; DMP hands it to FBGEMM."""
-    if device.type == "cpu" and config.optimizer.sparse not in CPU_SPARSE_OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.sparse={config.optimizer.sparse} has no FBGEMM CPU kernel; "
-            f"on CPU use one of {list(CPU_SPARSE_OPTIMIZERS)}"
-        )
+    check_device(config, device.type)
     sparse_params = [p for module in model.modules() if isinstance(module, EmbeddingBagCollection) for p in module.parameters()]
     apply_optimizer_in_backward(
         SPARSE_OPTIMIZERS[config.optimizer.sparse], sparse_params, sparse_optimizer_kwargs(config)
