@@ -79,24 +79,39 @@ def _predict(args: argparse.Namespace) -> int:
         args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, verify=args.verify or None, labelled=not args.unlabelled,
+        accept_truncated=args.accept_truncated,
     )  # fmt: skip
     print(summarize(report))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from recsys.serving.server import ServeConfig, serve
+
+    return serve(ServeConfig(args.export, host=args.host, port=args.port, workers=args.workers,
+                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads))
 
 
 def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.distributed.planning import PlanError, dry_run, format_report
 
-    config = load_config(args.config, args.overrides)
-    device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
     try:
-        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
-    except PlanError as e:
-        print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report.as_dict()) if args.json else format_report(report))
+        config = load_config(args.config, args.overrides)
+        device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
+        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device,
+                         args.device_memory_gb, args.host_memory_gb)  # fmt: skip
+    except (PlanError, UserError) as e:
+        if not args.json:
+            if isinstance(e, PlanError):
+                print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
+                return 1
+            raise
+        # --json: scripts read stdout as JSON whatever happened (exit status as without --json)
+        print(json.dumps({"fits": False, "config": args.config, "error": " ".join(str(e).split())}))
+        return 1 if isinstance(e, PlanError) else 2
+    print(json.dumps({"fits": True, **report.as_dict()}) if args.json else format_report(report))
     return 0
 
 
@@ -216,15 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="score raw logs with an export folder: one click probability per row",
         description="Parses raw logs (TSV, .gz, schema CSV; with or without the label column) with exactly "
-        "training's transforms, on all cores in bounded memory, and writes one row per good input row: the "
-        "schema's id column if any, the label if present, and score. Bad rows are skipped and counted with "
-        "file:line as in `recsys preprocess`. Example: recsys predict runs/synthetic/export "
+        "training's transforms, on all cores in bounded memory, and writes one row per input row, in order: the "
+        "schema's id column if any, the label if present, and score. Bad rows are counted with file:line as in "
+        "`recsys preprocess` and scored NaN in place. Example: recsys predict runs/synthetic/export "
         "data/synthetic/test.tsv --output scores.parquet",
     )
     pr.add_argument("export", help="folder written by `recsys export`")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="raw log files (plain or .gz)")
     pr.add_argument("--output", required=True, help="scores file, .csv or .parquet (written atomically)")
     pr.add_argument("--strict", action="store_true", help="fail at the first malformed row")
+    pr.add_argument("--unlabelled", action="store_true",
+                    help="the inputs (without a header) lack the label column; without it a file one column "
+                    "short is refused, as a dropped column looks alike")
+    pr.add_argument("--accept-truncated", action="store_true",
+                    help="score the rows before the break of a truncated or corrupt .gz input instead of failing")
     pr.add_argument("--max-bad-fraction", type=float, default=Settings.max_bad_fraction,
                     help="fail when more than this fraction of lines is malformed (default 0.01)")
     pr.add_argument("--workers", type=int, default=0, help="parsing processes (default: all cores)")
@@ -235,7 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=0,
                     help="the model's intra-op threads (default: the cores the workers leave, at least 1)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--verify", action="store_true",
+                    help="compare the sha256 of every file of the export with its manifest (sizes are always "
+                    "compared; checksums too by default when the files total at most 256 MiB)")
     pr.set_defaults(func=_predict)
+
+    sv = sub.add_parser(
+        "serve",
+        help="online scoring over HTTP: batching, health/readiness probes, Prometheus metrics, export swap",
+        description="Serves an export folder: POST /v1/score (JSON rows or columns, optional shared context; "
+        "or an Arrow IPC stream) -> one probability per row, with predict's transforms; GET /healthz, /readyz, "
+        "/metrics, /v1/model; POST /admin/reload or SIGHUP swaps in an export (a broken one is refused); "
+        "SIGTERM drains in-flight requests and exits 0. See docs/serving_online.md.",
+    )
+    sv.add_argument("export", help="folder written by `recsys export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    sv.add_argument("--max-batch-rows", type=int, default=4096,
+                    help="rows per model batch across requests; also the most rows one request may carry (413)")
+    sv.add_argument("--max-wait-ms", type=float, default=1.0,
+                    help="how long a batch waits for more requests after its first")
+    sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
+    sv.set_defaults(func=_serve)
 
     pl = _config_command(
         sub,
@@ -250,25 +292,45 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--local-world-size", type=_at_least(0, int), default=0, help="ranks per node (default 0: all on one)")
     pl.add_argument("--device-memory-gb", type=_at_least(0, float), default=None,
                     help="per-rank cap; default sharding.device_memory_gb, else the device's")
+    pl.add_argument("--host-memory-gb", type=_at_least(0, float), default=None,
+                    help="per-rank host memory cap for UVM tables on CUDA; default sharding.host_memory_gb, else "
+                    "TorchRec's assumption (128 GiB per rank, whatever the host has), printed beside HBM")
     pl.add_argument("--compute-device", choices=["cuda", "cpu"], default=None, help="default cuda unless the config says cpu")
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--json", action="store_true",
+                    help="print the plan as one JSON object, also on failure ({\"fits\": false, \"error\": ...})")
     pl.set_defaults(func=_plan)
     return parser
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``section.key=value`` overrides of config commands accepted anywhere after the
+    config (``recsys eval CONFIG --split val data.eval_batch_size=8192``): argparse gives a ``nargs="*"``
+    positional only the words before the first option, and cannot interleave them under subcommands
+    (``parse_intermixed_args`` refuses subparsers), so the words it leaves over are taken here."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [word for word in rest if "=" in word and not word.startswith("-")]
+        rest = [word for word in rest if word not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 # OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
 _USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_DISK_HINTS = {errno.ENOSPC: "free space there or choose another path", errno.EDQUOT: "free space within your "
+               "quota or choose another path", errno.EROFS: "choose a writable path"}  # fmt: skip
 
 
 def _user_message(e: BaseException) -> str | None:
     """One line for an error the user caused, or None for a bug."""
-    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_ERRNOS:
+    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_HINTS:
         return None
     if not isinstance(e, (UserError, OSError)):
         return None
     if isinstance(e, OSError) and e.filename is not None:
-        hint = ": free space there or choose another path" if e.errno in _DISK_ERRNOS else ""
+        hint = f": {_DISK_HINTS[e.errno]}" if e.errno in _DISK_HINTS else ""
         return f"{e.filename}: {e.strerror}{hint}"
     return " ".join(str(e).split())
 
@@ -282,11 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.warnings_filter import install
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
-    args = build_parser().parse_args(argv)
-    if args.command not in _NO_TORCH:
-        check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
+    args = parse_args(argv)
     try:
+        if args.command not in _NO_TORCH:
+            check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the commands write under temporary names, so nothing half-written stays
+        if args.debug:
+            raise
+        print(f"recsys {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
     except Exception as e:
         message = None if args.debug else _user_message(e)
         if message is None:
