@@ -109,8 +109,8 @@ def main() -> None:
     online.add_argument("--concurrency", default="1,8,64", help="concurrent clients")
     online.add_argument("--requests", type=int, default=2000, help="requests per measurement at most")
     online.add_argument("--seconds", type=float, default=8.0, help="time cap per measurement")
-    online.add_argument("--max-batch-rows", type=int, default=4096)
-    online.add_argument("--max-wait-ms", type=float, default=1.0)
+    online.add_argument("--max-batch-rows", type=int, default=4096, help="the server's --max-batch-rows (recsys serve)")
+    online.add_argument("--max-wait-ms", type=float, default=1.0, help="the server's --max-wait-ms (recsys serve)")
     args = parser.parse_args()
     if args.mode == "online":
         from bench_online import run_online

@@ -19,7 +19,8 @@ import pytest
 
 from tests.helpers import REPO, child_env
 
-TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py"))
+# The tools with a command line; the other files in tools/ are modules those import (bench_models, bench_online).
+TOOLS = sorted(p.name for p in (REPO / "tools").glob("*.py") if "ArgumentParser(" in p.read_text())
 # Tools with sub-commands: each has its own options.
 SUBCOMMANDS = {"bench_preprocess.py": ["preprocess", "loader"]}
 
@@ -38,12 +39,13 @@ def run_main(tool: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def undocumented(text: str) -> list[str]:
-    """Arguments in argparse's listings (``positional arguments:``, ``options:``) without a description: an
-    entry line (two-space indent) with nothing after its name and no continuation line (deeper indent) below."""
-    missing, lines, listing = [], text.splitlines(), False
+    """Arguments in argparse's listings (``positional arguments:``, ``options:`` and the argument groups after
+    them) without a description: an entry line (two-space indent) with nothing after its name and no
+    continuation line (deeper indent) below it."""
+    missing, lines, listing, started = [], text.splitlines(), False, False
     for i, line in enumerate(lines):
-        if line in ("positional arguments:", "options:", "optional arguments:"):
-            listing = True
+        if line in ("positional arguments:", "options:", "optional arguments:") or (started and re.match(r"^\S.*:$", line)):
+            listing = started = True
         elif not line.strip():
             listing = False
         elif listing and re.match(r"^  \S", line):
@@ -56,8 +58,9 @@ def undocumented(text: str) -> list[str]:
 
 def test_undocumented_finds_a_bare_option() -> None:
     text = ("Description:\n  an indented line of the description\n\npositional arguments:\n  grid\n\n"
-            "options:\n  -h, --help     show this help\n  --rows ROWS\n  --long-option LONG\n                 wrapped help\n")
-    assert undocumented(text) == ["grid", "--rows ROWS"]
+            "options:\n  -h, --help     show this help\n  --rows ROWS\n  --long-option LONG\n                 wrapped help\n\n"
+            "online:\n  --sizes SIZES\n")
+    assert undocumented(text) == ["grid", "--rows ROWS", "--sizes SIZES"]
 
 
 @pytest.mark.parametrize(
