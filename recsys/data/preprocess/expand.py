@@ -25,13 +25,12 @@ import numpy as np
 from tqdm import tqdm
 
 from recsys.data.layout import file_checksum, multi_hot_arrays
-from recsys.data.multi_hot import Expansion, Lookup, NpyWriter
+from recsys.data.multi_hot import WINDOW_BYTES, Expansion, Lookup, NpyWriter
 from recsys.data.preprocess.base import MAIN_BASE_BYTES, WORKER_BASE_BYTES, PreprocessError, write_json_atomic
 from recsys.data.preprocess.pool import Pool
 from recsys.data.preprocess.writer import shard_is_current
 from recsys.data.torchrec_days import ArrayRef, DaysError, day_splits, feature_names, find_days, npy_ref
 
-PAGE = 4096  # a gather from a large memory-mapped lookup touches about one page per id row
 
 
 @dataclass
@@ -178,14 +177,15 @@ def expand_task(ctx: ExpandContext, task: ExpandTask) -> dict:
 
 
 def plan_expansion(expansion: Expansion, dense: int, max_memory_gb: float, workers: int) -> tuple[int, int]:
-    """(workers, block rows) within ``max_memory_gb``: a block row costs its input and output bytes, int64
-    temporaries of the widest feature and, for the reference lookup, a page of the mapped table."""
+    """(workers, block rows) within ``max_memory_gb``: a block row costs its input and output bytes and int64
+    temporaries of the widest feature; a worker also maps a window of the reference lookup."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     widest = max(expansion.sizes)
-    row_bytes = 4 * (1 + dense + 2 * len(expansion.sizes)) + 5 * 8 * widest + (PAGE if expansion.lookup == "reference" else 0)
+    row_bytes = 4 * (1 + dense + 2 * len(expansion.sizes)) + 5 * 8 * widest
+    base = WORKER_BASE_BYTES + (WINDOW_BYTES if expansion.lookup == "reference" else 0)
     budget = max_memory_gb * (1 << 30) - MAIN_BASE_BYTES
-    workers = max(1, min(workers or cores, int(budget // (WORKER_BASE_BYTES + 1024 * row_bytes))))
-    block = int((budget / workers - WORKER_BASE_BYTES) // row_bytes)
+    workers = max(1, min(workers or cores, int(budget // (base + 1024 * row_bytes))))
+    block = int((budget / workers - base) // row_bytes)
     if block < 1024:
         raise PreprocessError(f"max_memory_gb={max_memory_gb} leaves no room for a block of rows "
                               f"({row_bytes} bytes each); raise it")
