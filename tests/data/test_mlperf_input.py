@@ -61,7 +61,8 @@ def all_rows(split: ShardedSplit) -> tuple[np.ndarray, np.ndarray, dict[str, np.
 
 
 @pytest.mark.parametrize("lookup", ["reference", "hash"])
-def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str) -> None:
+def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("recsys.data.multi_hot.WINDOW_BYTES", 1000)  # gathers map a few rows at a time
     expansion = Expansion(SIZES, TABLES, lookup)
     table = Lookup.build(expansion, tmp_path / "lookup", block_bytes=12 * 11 * 64)  # several blocks per table
     ids = np.array([0, 1, 999, 4999, 1000, 1])
