@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import pickle
 import posixpath
 import sys
 from typing import Any
@@ -46,32 +45,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import StorageReader, StorageWriter
+from torch.distributed.checkpoint.storage import StorageWriter
 from torchrec.optim.keyed import CombinedOptimizer
 
-from recsys.config import UserError
+from recsys.checkpoint_metadata import (  # noqa: F401 (the errors are imported from here too)
+    CheckpointError,
+    CheckpointMismatch,
+    check_shapes,
+    reader,
+)
 
 LATEST = "latest"
 BEST = "best"
 MANIFEST = "manifest.json"
-
-
-class CheckpointMismatch(UserError):
-    """A checkpoint that cannot continue this run as configured."""
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, damaged, or not a checkpoint at all."""
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -137,71 +127,6 @@ def _writer(path: str) -> StorageWriter:
     return FsspecWriter(path, single_file_per_rank=False)
 
 
-# DCP's .metadata is a pickle, and torch unpickles it with pickle.load: a crafted file in a run_dir (which may
-# be a bucket) would run code on `recsys train/eval/export`. Only the classes DCP's metadata is made of, and
-# the torch values they hold, may be loaded; anything else is refused before it is called.
-_DCP = "torch.distributed.checkpoint."
-_METADATA_GLOBALS = {
-    *((_DCP + "metadata", name) for name in (
-        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    )),
-    (_DCP + "filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # maps a layout's name to torch's layout object
-    ("pathlib", "PosixPath"),
-    ("collections", "OrderedDict"),
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if not dtype and (module, name) not in _METADATA_GLOBALS:
-            raise pickle.UnpicklingError(f"it references {module}.{name}, which DCP checkpoint metadata never holds")
-        return super().find_class(module, name)
-
-
-def _load_metadata(fh: Any, where: str) -> Metadata:
-    """Unpickles a DCP ``.metadata`` stream with ``_MetadataUnpickler``; CheckpointError naming ``where``."""
-    try:
-        metadata = _MetadataUnpickler(fh).load()
-    except Exception as e:  # a damaged pickle fails in many ways (EOFError, UnpicklingError, ValueError, ...)
-        raise CheckpointError(f"{where}: refused: not valid DCP checkpoint metadata ({e})") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{where}: refused: holds a {type(metadata).__name__}, not DCP checkpoint metadata")
-    return metadata
-
-
-class _SafeMetadata:
-    """Mixin for DCP's readers: ``read_metadata`` through ``_load_metadata`` instead of ``pickle.load``."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))  # type: ignore[attr-defined]
-        try:
-            with self.fs.create_stream(path, "rb") as fh:  # type: ignore[attr-defined]
-                metadata = _load_metadata(fh, str(path))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing: not a complete checkpoint") from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id  # type: ignore[attr-defined]
-        return metadata
-
-
-class _SafeFileSystemReader(_SafeMetadata, dcp.FileSystemReader):
-    pass
-
-
-class _SafeFsspecReader(_SafeMetadata, FsspecReader):
-    pass
-
-
-def _reader(path: str) -> StorageReader:
-    fs, local = _fs(path)
-    return _SafeFileSystemReader(local) if isinstance(fs, LocalFileSystem) else _SafeFsspecReader(path)
-
-
 def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
     with fs.open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
@@ -249,7 +174,7 @@ def verify_checkpoint(path: str, checksums: bool = False) -> None:
                                   "truncated or overwritten")
         if checksums and _sha256(fs, file) != digest:
             raise CheckpointError(f"{posixpath.join(path, name)}: sha256 differs from {manifest}: damaged")
-    _reader(path).read_metadata()
+    reader(path).read_metadata()
 
 
 def _read_pointer(fs: fsspec.AbstractFileSystem, local_root: str, pointer_name: str) -> str | None:
@@ -448,9 +373,11 @@ def load_checkpoint(
     ``global_batch_size`` (``data.batch_size``) must equal the saved one when given: the data position
     is a global batch index, meaningful only for the global batch it was counted in.
     """
-    saved = _reader(path).read_metadata().state_dict_metadata
+    model_state = model.state_dict()
+    check_shapes(path, {name: value.size() for name, value in model_state.items()})
+    saved = reader(path).read_metadata().state_dict_metadata
     state: dict[str, Any] = {
-        "model": model.state_dict(),
+        "model": model_state,
         "progress": {
             key.split(".", 1)[1]: torch.empty(meta.size, dtype=meta.properties.dtype)
             for key, meta in saved.items()
@@ -460,7 +387,7 @@ def load_checkpoint(
     if optimizer is not None:
         _init_lazy_optimizer_state(optimizer)
         state["optimizer"] = optimizer.state_dict()
-    dcp.load(state, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=optimizer is None))
+    dcp.load(state, storage_reader=reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=optimizer is None))
     progress = {k: v.item() for k, v in state["progress"].items()}
     saved_batch = progress.get("global_batch_size")
     if global_batch_size is not None and saved_batch is not None and saved_batch != global_batch_size:
@@ -476,7 +403,7 @@ def load_checkpoint(
     # A rank beyond the saving world size has no RNG state to restore; it still joins the collective load.
     rng_key = f"rng_rank{_rank()}"
     rng: dict[str, Any] = {rng_key: torch.empty(saved[rng_key].size, dtype=torch.uint8)} if rng_key in saved else {}
-    dcp.load(rng, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(rng, storage_reader=reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     if rng:
         _set_rng_state(rng[rng_key])
     return progress
@@ -487,13 +414,13 @@ def read_tensors(path: str, prefix: str = "model.") -> dict[str, torch.Tensor]:
 
     Returns names without the prefix, e.g. ``model.sparse_arch.embedding_bag_collection.embedding_bags.t_C1.weight``.
     """
-    saved = _reader(path).read_metadata().state_dict_metadata
+    saved = reader(path).read_metadata().state_dict_metadata
     state = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in saved.items()
         if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load(state, storage_reader=_reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    dcp.load(state, storage_reader=reader(path), planner=dcp.DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return {key[len(prefix) :]: value for key, value in state.items()}
 
 

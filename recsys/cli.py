@@ -100,6 +100,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: float, kind: type) -> Any:
+    """An argparse type: a ``kind`` number >= ``low`` (argparse prints the one-line usage error, exit 2)."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError: argparse's "invalid int value: 'two'"
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text} must be >= {low}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _config_command(sub: Any, name: str, config_help: str, **kwargs: str) -> argparse.ArgumentParser:
     """A subcommand taking a YAML config and ``section.key=value`` overrides."""
     parser = sub.add_parser(name, **kwargs)
@@ -233,9 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prints each table's sharding type, kernel, ranks and memory, and each rank's memory against its cap. "
         "Exits 1 naming the tables that cannot fit.",
     )
-    pl.add_argument("--world-size", type=int, required=True, help="total ranks (devices)")
-    pl.add_argument("--local-world-size", type=int, default=0, help="ranks per node (default: all on one)")
-    pl.add_argument("--device-memory-gb", type=float, default=None, help="per-rank cap; default sharding.device_memory_gb, else the device's")
+    pl.add_argument("--world-size", type=_at_least(1, int), required=True, help="total ranks (devices)")
+    pl.add_argument("--local-world-size", type=_at_least(0, int), default=0, help="ranks per node (default 0: all on one)")
+    pl.add_argument("--device-memory-gb", type=_at_least(0, float), default=None,
+                    help="per-rank cap; default sharding.device_memory_gb, else the device's")
     pl.add_argument("--compute-device", choices=["cuda", "cpu"], default=None, help="default cuda unless the config says cpu")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.set_defaults(func=_plan)

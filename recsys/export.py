@@ -51,7 +51,7 @@ from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import recsys
-from recsys.checkpoint import read_tensors, resolve_checkpoint
+from recsys.checkpoint import check_shapes, read_tensors, resolve_checkpoint
 from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
@@ -105,6 +105,7 @@ def load_unsharded(config: Config, checkpoint: str) -> DeepFM:
     AMX), and ONNX Runtime has no bfloat16 Gemm on CPU."""
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="float32"))
     wrapper = DeepFMTrain(build_deepfm(config, device="cpu"))
+    check_shapes(checkpoint, {name: value.shape for name, value in wrapper.state_dict().items()})
     wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval().requires_grad_(False)
 

@@ -20,6 +20,8 @@ from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from recsys.config import UserError
+
 RELIABILITY_BUCKETS = 20
 
 
@@ -29,8 +31,9 @@ class CTRMetrics:
 
     def __init__(self, device: torch.device | str = "cpu", grouped: bool = False) -> None:
         self.metrics = MetricCollection({"auc": BinaryAUROC(), "loss_sum": SumMetric()}).to(device)
-        # [rows, predicted CTR sum, clicks] per bucket of predicted CTR; summed over buckets, the totals
-        self.buckets = torch.zeros(3, RELIABILITY_BUCKETS, dtype=torch.float64, device=device)
+        # [rows, predicted CTR sum, clicks, non-finite predictions] per bucket of predicted CTR; summed over
+        # buckets, the totals (non-finite ones are counted in bucket 0, and make compute() fail)
+        self.buckets = torch.zeros(4, RELIABILITY_BUCKETS, dtype=torch.float64, device=device)
         self.grouped = grouped
         self.rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -41,15 +44,19 @@ class CTRMetrics:
         probs = torch.sigmoid(logits)
         self.metrics["auc"].update(probs, labels.long())
         self.metrics["loss_sum"].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
-        bucket = (probs * RELIABILITY_BUCKETS).long().clamp_(max=RELIABILITY_BUCKETS - 1)
-        for row, values in enumerate((torch.ones_like(probs), probs, labels)):
+        nonfinite = ~torch.isfinite(logits)
+        bucket = (probs * RELIABILITY_BUCKETS).long().clamp_(0, RELIABILITY_BUCKETS - 1).masked_fill_(nonfinite, 0)
+        for row, values in enumerate((torch.ones_like(probs), probs, labels, nonfinite)):
             self.buckets[row].index_add_(0, bucket, values.double())
         if self.grouped:
             self.rows.append((groups.detach(), logits, labels))
 
     def compute(self) -> dict[str, float]:
         values = {k: float(v) for k, v in self.metrics.compute().items()}
-        count, predicted, positives = self._all_buckets().sum(dim=1).tolist()
+        count, predicted, positives, nonfinite = self._all_buckets().sum(dim=1).tolist()
+        if nonfinite:
+            raise UserError(f"{int(nonfinite):,} of {int(count):,} predictions are NaN or infinite: the model's weights "
+                            "are not finite (a checkpoint saved after the training loss diverged?)")
         logloss = values["loss_sum"] / count
         ctr = positives / count
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if 0 < ctr < 1 else float("nan")
@@ -62,7 +69,7 @@ class CTRMetrics:
 
     def reliability(self) -> dict[str, list[float]]:
         """Per non-empty bucket of predicted CTR: its range, rows, mean prediction and observed CTR."""
-        rows, predicted, clicks = self._all_buckets().numpy()
+        rows, predicted, clicks, _ = self._all_buckets().numpy()
         seen = rows > 0
         edges = np.arange(RELIABILITY_BUCKETS + 1) / RELIABILITY_BUCKETS
         return {

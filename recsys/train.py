@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -41,10 +42,11 @@ from recsys.config import Config
 from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit
-from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
+from recsys.distributed.elastic import GracefulStop, TrainingStopped, any_rank, inject_fault
 from recsys.distributed.env import DistEnv, init_distributed, on_main_rank
 from recsys.distributed.optimizers import build_optimizer
 from recsys.distributed.parallel import shard_model
+from recsys.divergence import NonFiniteGuard
 from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
@@ -210,7 +212,8 @@ def train(config: Config, verify: bool = False) -> dict[str, dict[str, float]]:
     """Runs the configured job and returns the final validation and test metrics. ``verify``: check the
     checksums of the checkpoint it resumes from (sizes are always checked).
 
-    On SIGTERM it checkpoints after the current step and raises ``TrainingStopped``.
+    On SIGTERM or SIGINT (Ctrl-C) it checkpoints after the current step and raises ``TrainingStopped``; a
+    loss that stays non-finite raises ``TrainingDiverged`` (``recsys.divergence``) without checkpointing.
     """
     with GracefulStop() as stop, contextlib.ExitStack() as held:
         return _train(config, stop, verify, held)
@@ -249,11 +252,6 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     if verify:
         on_main_rank(verify_shards)
     resume_from = on_main_rank(lambda: resume_point(run_dir, cfg_train.resume, verify))
-    if env.is_main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
-            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
-        with open(os.path.join(run_dir, "plan.txt"), "w") as fh:
-            fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     # The data position is a global batch index, so a run resumes on a different number of ranks only
     # with the same global batch (data.batch_size); load_checkpoint checks it.
@@ -267,6 +265,11 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         progress = {key: int(saved[key]) for key in progress}
         if env.is_main:
             print(f"resuming from step {progress['step']} ({resume_from})")
+    if env.is_main:  # after the checkpoint loaded: a run refused for another model shape keeps its config.yaml
+        with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+            yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+        with open(os.path.join(run_dir, "plan.txt"), "w") as fh:
+            fh.write(f"{env.world_size} rank(s), {env.local_world_size} per node, {env.device.type}\n{dmp.plan}\n")
 
     logger = RunLogger(run_dir, env.is_main, config.logging.tensorboard)
     if cfg_data.negative_downsampling < 1:
@@ -292,14 +295,18 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         return stopper.update(last_val.metrics, progress["step"])
 
     def checkpoint(best: bool = False) -> str:
+        guard.check_weights(dmp, progress["step"])
         state = {**progress, **stopper.state(), **schedule.state()}
-        return save_checkpoint(run_dir, dmp, optimizer, state, cfg_train.keep_last_checkpoints, best)
+        path = save_checkpoint(run_dir, dmp, optimizer, state, cfg_train.keep_last_checkpoints, best)
+        guard.saved(path)
+        return path
 
     steps_per_epoch, max_steps = job.steps_per_epoch, job.max_steps
     eval_every = cfg_train.eval_every_steps or (max(1, steps_per_epoch // cfg_train.evals_per_epoch)
                                                 if cfg_train.evals_per_epoch else 0)  # fmt: skip
     target = TargetAUC(cfg_train.target_auc, global_batch, progress["step"], logger, env.is_main)
     last_val: Evaluation | None = None
+    guard = NonFiniteGuard(cfg_train.nonfinite_patience, resume_from)
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = splits.train.batches(
@@ -319,8 +326,11 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
                 break
             progress["step"] += 1
             progress["batch_in_epoch"] += 1
+            loss_value = float(loss)
+            # One collective per step carries both flags: a stop signal and a non-finite loss on any rank.
+            signum, nonfinite = any_rank(env.device, stop.received, not math.isfinite(loss_value))
             window_steps += 1
-            window_loss += float(loss)
+            window_loss += loss_value
             bar.update(1)
             epoch_end = progress["batch_in_epoch"] == steps_per_epoch
             if window_steps == config.logging.log_every_steps or epoch_end:
@@ -330,19 +340,23 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
                 logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate,
                                                        **schedule.learning_rates()})
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            guard.update(progress["step"], bool(nonfinite), loss_value)  # after logging: the bad loss is on record
             # The epoch's last step validates after this loop, once.
             eval_now = eval_every and progress["step"] % eval_every == 0
-            best = bool(eval_now and not epoch_end) and validate()
-            if best or (cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0):
+            best = bool(eval_now and not epoch_end and guard.finite) and validate()
+            periodic = cfg_train.checkpoint_every_steps and progress["step"] % cfg_train.checkpoint_every_steps == 0
+            if guard.finite and (best or periodic):
                 checkpoint(best)
             inject_fault(progress["step"], env.rank, run_dir)
-            if signum := stop.requested(env.device):
+            if signum:
                 bar.close()
                 logger.close()
-                raise TrainingStopped(signum, progress["step"], checkpoint())
+                saved = checkpoint() if guard.finite else guard.last_checkpoint or "none (no finite step yet)"
+                raise TrainingStopped(signum, progress["step"], saved)
             if stopper.stopped or target.reached:
                 break
         bar.close()
+        guard.at_end(progress["step"])
         if progress["batch_in_epoch"] >= steps_per_epoch:
             progress["epoch"] += 1
             progress["batch_in_epoch"] = 0
@@ -353,6 +367,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
             checkpoint()
             break
 
+    if signum := stop.requested(env.device):  # a signal during the last step's checkpoint: no final evaluation
+        raise TrainingStopped(signum, progress["step"], str(guard.last_checkpoint))
     logger.event("stop", progress["step"], **(target.stop_reason() or stop_reason(stopper, progress["step"], max_steps,
                                                                                    cfg_train.max_steps)))
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):

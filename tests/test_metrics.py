@@ -11,6 +11,7 @@ import torch
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss, roc_auc_score
 
+from recsys.config import UserError
 from recsys.distributed.local import run_local
 from recsys.metrics import RELIABILITY_BUCKETS, CTRMetrics, group_auc
 
@@ -148,3 +149,11 @@ def test_two_ranks_give_the_metrics_of_one() -> None:
         assert two[0][1][key] == pytest.approx(values, abs=1e-9), key
     logits, labels, groups = rows_for_test()
     assert one[0]["gauc"] == pytest.approx(group_auc(groups.numpy(), logits.numpy(), labels.numpy()), abs=1e-12)
+
+
+def test_non_finite_predictions_fail_naming_the_weights() -> None:
+    # A NaN logit was an IndexError in the reliability buckets (metrics.py:46).
+    metrics = CTRMetrics()
+    metrics.update(torch.tensor([0.3, float("nan"), float("inf"), -1.0]), torch.tensor([1, 0, 1, 0]))
+    with pytest.raises(UserError, match=r"2 of 4 predictions are NaN or infinite: the model's weights are not finite"):
+        metrics.compute()

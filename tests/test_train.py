@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,10 @@ import yaml
 from recsys.config import Config, config_from_dict
 import torch
 
-from recsys.checkpoint import latest_checkpoint, load_checkpoint, read_tensors
+from recsys.checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, read_tensors
+from recsys.divergence import TrainingDiverged
 from recsys.train import build_job, evaluate_checkpoint, train
+from tests.helpers import read_metrics, train_losses
 
 
 def make_config(shards: Path, run_dir: Path, *overrides: str) -> Config:
@@ -113,3 +116,45 @@ def test_raw_files_train_through_their_cached_shards(synthetic_dir: Path, tmp_pa
     assert (saved["train"], saved["val"], saved["test"]) == (str(cache / "train"), str(cache / "val"), str(cache / "val"))
     assert evaluate_checkpoint(config, "test") == pytest.approx(trained["test"])
     assert "preprocessing" not in capsys.readouterr().out  # eval reuses the shards
+
+
+def test_a_diverging_resumed_run_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(
+    synthetic_shards: Path, tmp_path: Path
+) -> None:
+    # The run: resumed at step 10, its loss went to NaN, checkpoints 20/25/30 were NaN and step 10 pruned.
+    run_dir = tmp_path / "run"
+    keep = ["training.checkpoint_every_steps=5", "training.keep_last_checkpoints=1", "logging.log_every_steps=1"]
+    train(make_config(synthetic_shards, run_dir, "training.max_steps=10", *keep))
+    diverging = make_config(synthetic_shards, run_dir, "training.max_steps=30", "optimizer.dense_lr=1e30", *keep)
+    with pytest.raises(TrainingDiverged) as error:
+        train(diverging)
+    step = max(row["step"] for row in read_metrics(run_dir, "train"))
+    assert 10 < step < 30 and not math.isfinite(dict(train_losses(run_dir))[step])
+    message = str(error.value)
+    assert f"the training loss was not finite (this rank's: nan) at step {step}" in message
+    assert f"{run_dir}/checkpoints/step_00000010, is from before it and is kept" in message
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000010"]
+    assert latest_checkpoint(str(run_dir)).endswith("step_00000010")
+    assert evaluate_checkpoint(make_config(synthetic_shards, run_dir), "test")["auc"] > 0.5  # still usable
+
+
+def test_resume_eval_and_export_with_another_model_shape_name_the_parameters_first(
+    synthetic_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # DCP's "Size mismatch" traceback came after RUN_DIR/config.yaml was already rewritten to the new shape.
+    from recsys.cli import main
+
+    run_dir = tmp_path / "run"
+    train(make_config(synthetic_shards, run_dir, "training.max_steps=2"))
+    written = (run_dir / "config.yaml").read_text()
+    wider = make_config(synthetic_shards, run_dir, "training.max_steps=4", "model.deep_layers=[64,16]")
+    differ = r"step_00000002 holds a model of another shape than this config builds \(\d+ parameter\(s\) differ: .*\[16, 32\] saved vs \[16, 64\] now"
+    with pytest.raises(CheckpointMismatch, match=differ):
+        train(wider)
+    assert (run_dir / "config.yaml").read_text() == written
+    with pytest.raises(CheckpointMismatch, match=differ):
+        evaluate_checkpoint(wider, "test")
+    capsys.readouterr()
+    assert main(["export", str(run_dir / "config.yaml"), "model.deep_layers=[64,16]", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(differ, err), err

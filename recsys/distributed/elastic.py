@@ -5,8 +5,9 @@ A worker that dies is handled outside the trainer: torchelastic (``torchrun --ma
 latest checkpoint and data position. What the trainer adds is
 
 * ``GracefulStop``: a scheduler preempting a job sends SIGTERM (torchelastic forwards it to every worker
-  and waits before SIGKILL); the trainer finishes the current step, writes a checkpoint and exits with
-  ``TrainingStopped``, so the resubmitted job loses no work;
+  and waits before SIGKILL), a user presses Ctrl-C (SIGINT); the trainer finishes the current step, writes a
+  checkpoint and exits with ``TrainingStopped`` (exit status 128 + the signal: 143, 130), so the rerun loses
+  no work; a second signal ends the process at once;
 * ``inject_fault``: kills this worker with SIGKILL after a chosen step, so tests can check that a lost
   worker costs a restart from the last checkpoint and nothing else.
 """
@@ -37,21 +38,31 @@ class TrainingStopped(RuntimeError):
         super().__init__(f"stopped by {name} after step {step}; checkpoint {checkpoint}; rerun to resume")
 
 
+def any_rank(device: torch.device, *flags: int) -> list[int]:
+    """Each flag's largest value over the process group, in one all-reduce (on ``device``); the flags
+    themselves on one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [int(flag) for flag in flags]
+    tensor = torch.tensor([int(flag) for flag in flags], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 class GracefulStop:
-    """Context manager that turns SIGTERM into a stop request checked at step boundaries.
+    """Context manager that turns SIGTERM and SIGINT (Ctrl-C) into a stop request checked at step boundaries.
 
     Ranks receive the signal at slightly different moments, possibly in different steps, so
     ``requested()`` all-reduces the flag: every rank then stops after the same step and enters the same
     checkpoint collective. The previous handler is restored on exit.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
         self.signals = signals
         self.received: int = 0
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:  # a second signal: the stop is stuck (e.g. a peer died mid-collective), so die
+        if self.received:  # a second signal (a second Ctrl-C; or the stop is stuck, e.g. a peer died mid-collective): die
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.received = signum
@@ -71,11 +82,7 @@ class GracefulStop:
 
     def requested(self, device: torch.device) -> int:
         """The signal any rank received (0 if none); a collective (on ``device``) when there are several ranks."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return any_rank(device, self.received)[0]
 
 
 def inject_fault(step: int, rank: int, run_dir: str) -> None:

@@ -19,7 +19,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimiz
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recsys.config import Config, registry
+from recsys.config import Config, ConfigError, registry
 
 # Classes FBGEMM fuses into the embedding backward (torchrec maps each to an EmbOptimType).
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = registry("optimizer.sparse", {
@@ -57,7 +57,7 @@ CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
 def attach_sparse_optimizer(model: nn.Module, config: Config, device: torch.device) -> None:
     """Registers the fused optimizer on every EmbeddingBagCollection; DMP hands it to FBGEMM."""
     if device.type == "cpu" and config.optimizer.sparse not in CPU_SPARSE_OPTIMIZERS:
-        raise ValueError(
+        raise ConfigError(
             f"optimizer.sparse={config.optimizer.sparse} has no FBGEMM CPU kernel; "
             f"on CPU use one of {list(CPU_SPARSE_OPTIMIZERS)}"
         )

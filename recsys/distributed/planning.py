@@ -32,6 +32,7 @@ from torchrec.distributed.planner.types import (
     KernelConfig,
     ParameterConstraints,
     PlannerError,
+    PlannerErrorType,
     ShardingOption,
     Storage,
     Topology,
@@ -42,7 +43,7 @@ from torchrec.distributed.types import CacheParams, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, TableShardingConfig
+from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, ConfigError, TableShardingConfig
 from recsys.distributed.env import DistEnv, on_main_rank
 from recsys.distributed.optimizers import attach_sparse_optimizer
 from recsys.distributed.sharders import make_sharders
@@ -215,16 +216,33 @@ class Planner:
             return self.planner().plan(self.model, make_sharders())
 
     def usable_per_rank(self) -> list[Storage]:
-        """Each rank's capacity less the planner's reservation (dense model, batches, margin)."""
-        with _quiet_planner_logs():
-            reserved = self.reservation.reserve(
-                topology=self.topology,
-                batch_size=self.rank_batch,
-                module=self.model,
-                sharders=make_sharders(),
-                constraints=self.constraints,
-            )
+        """Each rank's capacity less the planner's reservation (dense model, batches, margin); PlanError
+        with the numbers when the reservation alone exceeds the cap."""
+        try:
+            with _quiet_planner_logs():
+                reserved = self.reservation.reserve(
+                    topology=self.topology,
+                    batch_size=self.rank_batch,
+                    module=self.model,
+                    sharders=make_sharders(),
+                    constraints=self.constraints,
+                )
+        except PlannerError as e:
+            if e.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
+                raise
+            raise PlanError(self._reservation_exceeds_cap()) from None
         return [device.storage for device in reserved.devices]
+
+    def _reservation_exceeds_cap(self) -> str:
+        # TorchRec's message is a dozen lines of FSDP and dry-run advice; its numbers are on the reservation
+        # (set before it raised), the HBM cap on the topology.
+        dense, batches = self.reservation._dense_storage.hbm, self.reservation._kjt_storage.hbm
+        cap = self.topology.devices[0].storage.hbm
+        need = (dense + batches) / (1 - RESERVED_FRACTION)
+        return (f"a cap of {gb(cap)} HBM per rank holds not even the planner's reservation: {gb(dense)} for the "
+                f"dense modules + {gb(batches)} for input batches ({self.rank_batch} rows per rank) + "
+                f"{RESERVED_FRACTION:.0%} of the cap; give at least {gb(need)} per rank (sharding.device_memory_gb "
+                "or --device-memory-gb) or lower data.batch_size")
 
     def explain_failure(self) -> str:
         """Names the tables no single rank can hold even when split, or else the tier that is short overall.
@@ -373,8 +391,11 @@ def dry_run(
         print(format_report(report))
     """
     config = resolve_config(config)
+    if world_size < 1 or local_world_size < 1:
+        raise ConfigError(f"world size {world_size} and local world size {local_world_size} must both be >= 1")
     if world_size % local_world_size:
-        raise ValueError(f"--world-size {world_size} is not a multiple of --local-world-size {local_world_size}")
+        raise ConfigError(f"--world-size {world_size} is not a multiple of --local-world-size {local_world_size} "
+                          "(ranks per node): every node runs the same number of ranks")
     if device_memory_gb is not None:
         config = dataclasses.replace(
             config, sharding=dataclasses.replace(config.sharding, device_memory_gb=device_memory_gb)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 from recsys.config import config_from_dict
@@ -85,3 +86,50 @@ def test_verify_finds_a_shard_changed_after_preprocessing(copy: Path) -> None:
     split = ShardedSplit(copy / "train")
     with pytest.raises(ShardError, match=re.escape(str(dense)) + ".*sha256 differs"):
         split.verify_checksums()
+
+
+def _poke(shard: Path, array: str, row: int, column: int | None, value: float) -> None:
+    """Sets one value of a shard's array in place, leaving its recorded metadata as it was."""
+    data = np.load(shard / f"{array}.npy")
+    data[(row, column) if column is not None else row] = value
+    np.save(shard / f"{array}.npy", data)
+
+
+# Each value trained silently before (an id as row 0, a label of 7 as a click) or crashed evaluation (NaN dense:
+# IndexError in metrics.py); metadata.json still records the shard as preprocessing wrote it.
+CORRUPTIONS = {
+    "id outside its table": ("sparse", 5, 2, 10_000, r"sparse.npy: row 5: feature 'C3' has id 10000, outside its "
+                             r"table of 64 rows \(table_sizes.C3 in metadata.json\)"),
+    "negative id": ("sparse", 6, 0, -3, r"sparse.npy: row 6: feature 'C1' has id -3, outside its table"),
+    "label 7": ("labels", 7, None, 7, r"labels.npy: row 7: label 7, not 0 or 1"),
+    "unlabelled row": ("labels", 8, None, -1, r"labels.npy: row 8: label -1, not 0 or 1 \(-1: an unlabelled row\)"),
+    "NaN dense value": ("dense", 9, 4, np.nan, r"dense.npy: row 9: dense feature 'I5' is nan"),
+    "infinite dense value": ("dense", 9, 0, np.inf, r"dense.npy: row 9: dense feature 'I1' is inf"),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_a_bad_value_in_a_shard_stops_the_batch_naming_file_row_and_field(copy: Path, corruption: str) -> None:
+    array, row, column, value, message = CORRUPTIONS[corruption]
+    shard = sorted((copy / "train").glob("part-*"))[0]
+    _poke(shard, array, row, column, value)
+    split = ShardedSplit(copy / "train")  # the recorded max ids still fit: only the rows show it
+    with pytest.raises(ShardError, match=re.escape(str(shard)) + "/" + message + ".*re-run recsys preprocess"):
+        list(split.batches(256, prefetch=0))
+
+
+def test_a_bad_value_stops_training_with_one_line(copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from recsys.cli import main
+
+    shard = sorted((copy / "train").glob("part-*"))[0]
+    _poke(shard, "labels", 3, None, 7)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({
+        "data": {"train": str(copy / "train"), "val": str(copy / "val"), "test": "", "batch_size": 256},
+        "model": {"embedding_dim": 4, "deep_layers": [8]}, "sharding": {"compute_device": "cpu"},
+        "training": {"run_dir": str(tmp_path / "run"), "max_steps": 3},
+        "logging": {"progress_bar": False, "tensorboard": False},
+    }))  # fmt: skip
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.search(r"^recsys train: error: .*labels.npy: row 3: label 7", err), err

@@ -23,6 +23,15 @@ def test_graceful_stop_turns_sigterm_into_a_request_and_restores_the_handler() -
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_is_a_stop_request_like_sigterm() -> None:
+    # It raised KeyboardInterrupt wherever the step was: no checkpoint.
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested(torch.device("cpu")) == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_training_stopped_names_signal_step_and_checkpoint() -> None:
     error = TrainingStopped(signal.SIGTERM, 12, "runs/x/checkpoints/step_00000012")
     assert str(error) == "stopped by SIGTERM after step 12; checkpoint runs/x/checkpoints/step_00000012; rerun to resume"

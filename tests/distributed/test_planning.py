@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,23 @@ def test_terabyte_does_not_fit_two_small_gpus(capsys: pytest.CaptureFixture) -> 
     err = capsys.readouterr().err
     assert code == 1
     assert "does not fit" in err and "t_C1 (40,000,000 x 132): needs" in err and "DDR on one rank" in err
+
+
+def test_world_not_divisible_by_ranks_per_node_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    code = main(["plan", str(REPO / "configs" / "criteo_kaggle.yaml"), "--world-size", "3", "--local-world-size", "2"])
+    assert code == 2
+    assert capsys.readouterr().err == ("recsys plan: error: --world-size 3 is not a multiple of --local-world-size 2 "
+                                       "(ranks per node): every node runs the same number of ranks\n")
+
+
+def test_cap_below_the_planners_own_reservation_is_one_line_with_the_numbers(capsys: pytest.CaptureFixture) -> None:
+    # TorchRec's PlannerError (a dozen lines of advice) came through as a traceback.
+    code = main(["plan", str(REPO / "configs" / "criteo_kaggle.yaml"), "--world-size", "2", "--device-memory-gb", "0.001"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert re.search(r"a cap of 0.001 GiB HBM per rank holds not even the planner's reservation: [0-9.]+ GiB for the "
+                     r"dense modules \+ [0-9.]+ GiB for input batches \(2048 rows per rank\) \+ 15% of the cap; give at "
+                     r"least [0-9.]+ GiB per rank", err), err
 
 
 def test_cap_below_one_table_splits_it(tiny_criteo_big_c1: Path, tmp_path: Path) -> None:

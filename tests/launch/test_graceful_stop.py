@@ -52,3 +52,31 @@ def test_sigterm_to_torchrun_checkpoints_the_current_step_and_exits(launcher: La
     # The checkpoint is the last thing the run did: no step was trained after it.
     assert train_losses(run_dir)[-1][0] == step
     assert read_metrics(run_dir)[-1]["stage"] == "train"
+
+
+def _train_in_child(launcher: Launcher, run_dir: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "recsys.cli", "train", CONFIG, *launcher.overrides(run_dir, "training.epochs=1000")]
+    return subprocess.Popen(cmd, cwd=REPO, env=launcher.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_exits_130(launcher: Launcher, tmp_path: Path) -> None:
+    # Ctrl-C used to raise KeyboardInterrupt mid-step: a traceback and no checkpoint.
+    run_dir = tmp_path / "run"
+    proc = _train_in_child(launcher, run_dir)
+    wait_for_steps(proc, run_dir / "metrics.jsonl", steps=2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output[-4000:]
+    match = re.search(r"stopped by SIGINT after step (\d+); checkpoint (\S+);", output)
+    assert match and "Traceback" not in output, output[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text() == Path(match.group(2)).name
+
+
+def test_a_second_ctrl_c_exits_at_once(launcher: Launcher, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = _train_in_child(launcher, run_dir)
+    wait_for_steps(proc, run_dir / "metrics.jsonl", steps=2)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGINT, output[-4000:]  # killed by the signal: the shell shows 130
