@@ -13,6 +13,7 @@ pages leave with the map. The block is sized so that workers x block fits ``max_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -140,33 +141,29 @@ def expand_task(ctx: ExpandContext, task: ExpandTask) -> dict:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writers = {"labels": NpyWriter(tmp / "labels.npy", np.int8, (rows,)),
-               "dense": NpyWriter(tmp / "dense.npy", np.float32, (rows, dense_width)),
-               "sparse": NpyWriter(tmp / "sparse.npy", np.int32, (rows, len(one_hot)))}  # fmt: skip
-    for t in multi:
-        name = multi_hot_arrays(ctx.features[t])[0]
-        writers[name] = NpyWriter(tmp / f"{name}.npy", np.int32, (rows, expansion.sizes[t]))
+    names = {t: multi_hot_arrays(ctx.features[t])[0] for t in multi}
     top = dict.fromkeys(ctx.features, -1)
     positives = 0
-    for piece in task.pieces:
-        for lo in range(piece.start, piece.stop, ctx.block_rows):
-            count = min(ctx.block_rows, piece.stop - lo)
-            labels = piece.arrays["labels"].read(lo, count).reshape(-1)
-            positives += int((labels > 0).sum())
-            writers["labels"].write(labels)
-            writers["dense"].write(piece.arrays["dense"].read(lo, count))
-            ids = piece.arrays["sparse"].read(lo, count)
-            columns = np.stack([lookup.expand(t, ids[:, t])[:, 0] for t in one_hot], axis=1) if one_hot else (
-                np.zeros((count, 0), dtype=np.int32))
-            writers["sparse"].write(columns)
-            for t, column in zip(one_hot, columns.T):
-                top[ctx.features[t]] = max(top[ctx.features[t]], int(column.max(initial=-1)))
-            for t in multi:
-                values = lookup.expand(t, ids[:, t])
-                writers[multi_hot_arrays(ctx.features[t])[0]].write(values)
-                top[ctx.features[t]] = max(top[ctx.features[t]], int(values.max(initial=-1)))
-    for writer in writers.values():
-        writer.__exit__(None)
+    with contextlib.ExitStack() as files:
+        writers = {name: files.enter_context(NpyWriter(tmp / f"{name}.npy", dtype, shape)) for name, dtype, shape in (
+            ("labels", np.int8, (rows,)), ("dense", np.float32, (rows, dense_width)),
+            ("sparse", np.int32, (rows, len(one_hot))), *((names[t], np.int32, (rows, expansion.sizes[t])) for t in multi))}
+        for piece in task.pieces:
+            for lo in range(piece.start, piece.stop, ctx.block_rows):
+                count = min(ctx.block_rows, piece.stop - lo)
+                labels = piece.arrays["labels"].read(lo, count).reshape(-1)
+                positives += int((labels > 0).sum())
+                writers["labels"].write(labels)
+                writers["dense"].write(piece.arrays["dense"].read(lo, count))
+                ids = piece.arrays["sparse"].read(lo, count)
+                expanded = {t: lookup.expand(t, ids[:, t]) for t in one_hot}  # [count, 1] each
+                writers["sparse"].write(np.concatenate([expanded[t] for t in one_hot], axis=1) if one_hot
+                                        else np.zeros((count, 0), dtype=np.int32))  # fmt: skip
+                for t in multi:
+                    expanded[t] = lookup.expand(t, ids[:, t])
+                    writers[names[t]].write(expanded[t])
+                for t, values in expanded.items():
+                    top[ctx.features[t]] = max(top[ctx.features[t]], int(values.max(initial=-1)))
     checksums = {f"{name}.npy": file_checksum(tmp / f"{name}.npy") for name in writers}
     record = {"name": final.name, "rows": rows, "fingerprint": ctx.fingerprint, "checksums": checksums,
               "positives": positives, "max_ids": {f: v for f, v in top.items() if v >= 0}}  # fmt: skip
@@ -255,7 +252,7 @@ def expand(path: str, out: str, sizes: list[int], lookup: str = "reference", see
     multi = [f for f, m in zip(features["sparse"], sizes) if m > 1]
     metadata = {
         "tool": "recsys preprocess --multi-hot-sizes", "fingerprint": fingerprint, "source": source,
-        "features": {**features, "multi_hot": multi},
+        "features": {**features, "multi_hot": multi, "group": None},  # groups.npy is not carried over
         "table_sizes": dict(zip(features["sparse"], tables)),
         "multi_hot_expansion": {**expansion.to_dict(), "ids_per_row": sum(sizes),
                                 "reproduces_reference_bytes": lookup == "reference"},
