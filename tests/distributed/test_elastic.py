@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, inject_fault
+from tests.helpers import child_env
 
 
 def test_graceful_stop_turns_sigterm_into_a_request_and_restores_the_handler() -> None:
@@ -30,6 +31,22 @@ def test_ctrl_c_is_a_stop_request_like_sigterm() -> None:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested(torch.device("cpu")) == signal.SIGINT
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.slow  # a child process: a second Ctrl-C must end it, not this test run
+def test_a_second_ctrl_c_ends_the_process_at_once() -> None:
+    code = (
+        "import os, signal, time\n"
+        "from recsys.distributed.elastic import GracefulStop\n"
+        "with GracefulStop() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    while not stop.received:\n"  # the first one is a stop request, checked at the next step
+        "        time.sleep(0.01)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGINT, proc.stderr[-2000:]  # killed by it (the shell shows 130)
 
 
 def test_training_stopped_names_signal_step_and_checkpoint() -> None:
