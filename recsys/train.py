@@ -38,7 +38,7 @@ from recsys.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from recsys.config import Config
+from recsys.config import Config, ConfigError
 from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit
@@ -204,7 +204,7 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     load_checkpoint(path, job.model, optimizer=None)
     data = getattr(job.splits, split)
     if data is None:
-        raise ValueError(f"data.{split} is not set")
+        raise ConfigError(f"data.{split} is not set: name the {split} split's shard folder or raw file in the config")
     return evaluate_job(job, data).metrics
 
 
