@@ -85,18 +85,32 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from recsys.serving.server import ServeConfig, serve
+
+    return serve(ServeConfig(args.export, host=args.host, port=args.port, workers=args.workers,
+                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads))
+
+
 def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.distributed.planning import PlanError, dry_run, format_report
 
-    config = load_config(args.config, args.overrides)
-    device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
     try:
-        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
-    except PlanError as e:
-        print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report.as_dict()) if args.json else format_report(report))
+        config = load_config(args.config, args.overrides)
+        device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
+        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device,
+                         args.device_memory_gb, args.host_memory_gb)  # fmt: skip
+    except (PlanError, UserError) as e:
+        if not args.json:
+            if isinstance(e, PlanError):
+                print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
+                return 1
+            raise
+        # --json: scripts read stdout as JSON whatever happened (exit status as without --json)
+        print(json.dumps({"fits": False, "config": args.config, "error": " ".join(str(e).split())}))
+        return 1 if isinstance(e, PlanError) else 2
+    print(json.dumps({"fits": True, **report.as_dict()}) if args.json else format_report(report))
     return 0
 
 
@@ -237,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
     pr.set_defaults(func=_predict)
 
+    sv = sub.add_parser(
+        "serve",
+        help="online scoring over HTTP: batching, health/readiness probes, Prometheus metrics, export swap",
+        description="Serves an export folder: POST /v1/score (JSON rows or columns, optional shared context; "
+        "or an Arrow IPC stream) -> one probability per row, with predict's transforms; GET /healthz, /readyz, "
+        "/metrics, /v1/model; POST /admin/reload or SIGHUP swaps in an export (a broken one is refused); "
+        "SIGTERM drains in-flight requests and exits 0. See docs/serving_online.md.",
+    )
+    sv.add_argument("export", help="folder written by `recsys export`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a container)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes, each with its own model")
+    sv.add_argument("--max-batch-rows", type=int, default=4096,
+                    help="rows per model batch across requests; also the most rows one request may carry (413)")
+    sv.add_argument("--max-wait-ms", type=float, default=1.0,
+                    help="how long a batch waits for more requests after its first")
+    sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
+    sv.set_defaults(func=_serve)
+
     pl = _config_command(
         sub,
         "plan",
@@ -250,10 +283,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--local-world-size", type=_at_least(0, int), default=0, help="ranks per node (default 0: all on one)")
     pl.add_argument("--device-memory-gb", type=_at_least(0, float), default=None,
                     help="per-rank cap; default sharding.device_memory_gb, else the device's")
+    pl.add_argument("--host-memory-gb", type=_at_least(0, float), default=None,
+                    help="per-rank host memory cap for UVM tables on CUDA; default sharding.host_memory_gb, else "
+                    "TorchRec's assumption (128 GiB per rank, whatever the host has), printed beside HBM")
     pl.add_argument("--compute-device", choices=["cuda", "cpu"], default=None, help="default cuda unless the config says cpu")
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--json", action="store_true",
+                    help="print the plan as one JSON object, also on failure ({\"fits\": false, \"error\": ...})")
     pl.set_defaults(func=_plan)
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``section.key=value`` overrides of config commands accepted anywhere after the
+    config (``recsys eval CONFIG --split val data.eval_batch_size=8192``): argparse gives a ``nargs="*"``
+    positional only the words before the first option, and cannot interleave them under subcommands
+    (``parse_intermixed_args`` refuses subparsers), so the words it leaves over are taken here."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [word for word in rest if "=" in word and not word.startswith("-")]
+        rest = [word for word in rest if word not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 # OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
@@ -282,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.warnings_filter import install
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command not in _NO_TORCH:
         check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
     try:

@@ -342,10 +342,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
+# FBGEMM's CPU embedding kernels implement only these fused optimizers (its Adam is CUDA-only).
+CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+def check_device(config: Config, device_type: str) -> None:
+    """Refuses in one line, naming the override, what ``device_type`` ("cpu"/"cuda") cannot run: a run
+    fails here, before preprocessing or building the model, not in FBGEMM's kernel lookup."""
+    sparse = config.optimizer.sparse
+    if device_type == "cpu" and sparse not in CPU_SPARSE_OPTIMIZERS:
+        others = ", ".join(CPU_SPARSE_OPTIMIZERS[1:])
+        raise ConfigError(f"optimizer.sparse={sparse} has no FBGEMM CPU kernel: use optimizer.sparse="
+                          f"{CPU_SPARSE_OPTIMIZERS[0]} (or {others}), or a GPU")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express. Checks that need the sparse features run once
-    they are known: at load time when the config lists them, else on the resolved config."""
+    they are known: at load time when the config lists them, else on the resolved config; checks that need
+    the device run here when the config names it (``sharding.compute_device=cpu``), else once it is known
+    (``check_device``)."""
     model, data = config.model, config.data
+    if config.sharding.compute_device == "cpu":
+        check_device(config, "cpu")
     if isinstance(model.num_embeddings, list):
         if data.sparse_features and len(model.num_embeddings) != len(data.sparse_features):
             raise ConfigError(

@@ -123,3 +123,25 @@ def test_the_cli_installs_it_first(
     with pytest.raises(SystemExit):
         main(["--help"])
     assert shown(FutureWarning, EMITTED["broadcast_buffers"])
+
+
+@pytest.mark.slow
+def test_torchs_own_scripting_at_import_is_not_a_flood_but_scripting_still_warns() -> None:
+    """torch.distributed.optim scripts 66 functions at import (66 DeprecationWarnings, most of a test run's
+    warnings); recsys imports it quietly. A fresh interpreter: the import happens once per process."""
+    import subprocess
+    import sys
+
+    from tests.helpers import child_env
+
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import recsys.distributed.optimizers, torch\n"
+        "    at_import = sum('torch.jit.script` is deprecated' in str(w.message) for w in caught)\n"
+        "    torch.jit.script(torch.nn.Linear(2, 2))\n"
+        "print(at_import, sum('torch.jit.script` is deprecated' in str(w.message) for w in caught))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "1"]

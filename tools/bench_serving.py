@@ -5,6 +5,7 @@ measurement, then a summary.
 
     python tools/bench_serving.py                 # 1M generated rows, configs/synthetic.yaml, one epoch
     python tools/bench_serving.py --rows 200000   # quicker
+    python tools/bench_serving.py online          # `recsys serve` under load (tools/bench_online.py)
 
 Set-up (cached in ``--work``): generated Criteo rows -> vocab shards -> one epoch of ``configs/synthetic.yaml``
 -> ``recsys export`` with ``--onnx`` and with ``--quantize int8`` (whose manifest compares size and test AUC
@@ -97,11 +98,29 @@ def setup(work: Path, rows: int, config: str) -> dict[str, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", choices=["offline", "online"], default="offline",
+                        help="offline: predict and the model alone (default); online: recsys serve under load")
     parser.add_argument("--rows", type=int, default=1_000_000, help="generated rows (80%% train, 10%% val, 10%% test)")
     parser.add_argument("--config", default="configs/synthetic.yaml", help="the model and training config")
     parser.add_argument("--work", default="data/bench_serving", help="cache of data, shards, run and exports")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the model-alone runs")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the model (and of the server)")
+    online = parser.add_argument_group("online")
+    online.add_argument("--sizes", default="1,100,1000", help="candidates per request")
+    online.add_argument("--concurrency", default="1,8,64", help="concurrent clients")
+    online.add_argument("--requests", type=int, default=2000, help="requests per measurement at most")
+    online.add_argument("--seconds", type=float, default=8.0, help="time cap per measurement")
+    online.add_argument("--max-batch-rows", type=int, default=4096)
+    online.add_argument("--max-wait-ms", type=float, default=1.0)
     args = parser.parse_args()
+    if args.mode == "online":
+        from bench_online import run_online
+
+        work = Path(args.work)
+        export = work / "export_fp32"
+        if not (export / "manifest.json").exists():  # the offline run's export is reused when present
+            setup(work, args.rows, args.config)
+        run_online(export, work / "data" / "test.tsv", work, args)
+        return
     paths = setup(Path(args.work), args.rows, args.config)
     quantization = json.loads((paths["int8"] / "manifest.json").read_text())["quantization"]
     onnx = json.loads((paths["fp32"] / "manifest.json").read_text())["onnx"]

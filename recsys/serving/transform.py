@@ -170,18 +170,18 @@ def frame_rows(frame: pl.DataFrame, prep: Preprocessing) -> tuple[bytes, Source,
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise ServingInputError(f"input lacks column(s) {missing}; schema {schema.name} needs {needed}")
-    exprs = []
+    exprs, dtypes = [], frame.schema  # once: each .schema builds it anew
     for name in needed:
-        col, dtype = pl.col(name), frame.schema[name]
+        col, dtype = pl.col(name), dtypes[name]
         if name in schema.dense and dtype.is_float():
             col = pl.when(col.is_finite()).then(col)
         elif name in schema.multi_hot and isinstance(dtype, pl.List):
             col = col.list.eval(pl.element().cast(pl.Utf8)).list.join(schema.multi_hot[name])
         exprs.append(col.cast(pl.Utf8))
     text = frame.select(exprs)
-    for name in needed:
-        if text[name].str.contains(f"[{FRAME_DELIMITER}\n]").any():
-            raise ServingInputError(f"column {name!r} holds a value with a newline or \\x1f")
+    holds = text.select(pl.all().str.contains(f"[{FRAME_DELIMITER}\n]").any()).row(0)  # one pass for all columns
+    if any(holds):
+        raise ServingInputError(f"column {needed[holds.index(True)]!r} holds a value with a newline or \\x1f")
     data = text.write_csv(separator=FRAME_DELIMITER, include_header=False, quote_style="never", null_value="").encode()
     prep = replace(prep, schema=replace(schema, delimiter=FRAME_DELIMITER, quote="", header=False, columns=needed))
     return data, Source("<frame>", None, columns=needed), prep

@@ -145,14 +145,21 @@ def _parse_clean(data: bytes, source: Source, schema: Schema) -> Parsed | None:
     if np.isinf(dense).any():  # NaN is missing; an infinity is a bad value
         return None
     sparse = _sparse_tokens(frame, schema)
+    single = []  # one-hot id columns, checked for MISSING_KEY in one polars pass (~0.1 ms a pass whatever its rows)
     for name, tokens in sparse.items():
         if schema.kind(name) == "string":
             continue
         raw = frame[name]
         if name in schema.multi_hot:
             tokens, raw = tokens.explode(), raw.str.split(schema.multi_hot[name]).explode()
-        if tokens.null_count() != raw.null_count() or (tokens == MISSING_KEY).any():
+            if (tokens == MISSING_KEY).any():
+                return None
+        else:
+            single.append(tokens)
+        if tokens.null_count() != raw.null_count():
             return None
+    if single and pl.DataFrame(single).select(pl.any_horizontal((pl.all() == MISSING_KEY).any())).item():
+        return None
     errors = dict.fromkeys(ERROR_KINDS, 0)
     return Parsed(nlines, np.arange(nlines), labels, dense, sparse, errors, [])
 

@@ -1,0 +1,141 @@
+"""Cross-request batching for ``recsys serve``: concurrent requests' rows scored in one Scorer call.
+
+Hand-written because Starlette/uvicorn have no batching, and the serving libraries that do (LitServe,
+BentoML, Ray Serve) batch Python objects in their own worker processes: each would bring its own server and
+process model around the Scorer. The policy is the one Triton's dynamic batcher documents: a batch closes
+at ``max_rows`` or ``max_wait`` after its first request, and requests that queue while a batch is scored
+form the next one at once (so under load batches fill without waiting).
+
+One thread scores (``Scorer`` keeps per-call state and the model's threads are set once), off the event
+loop, which keeps reading and parsing requests meanwhile. Each batch takes the model current when it
+starts, so a swap (``Batcher.model = ...``) never splits a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+
+from recsys.serving.transform import ServingInputError
+
+
+@dataclass
+class Pending:
+    frame: pl.DataFrame
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class BadRows(Exception):
+    """Rows of one request that preprocessing rejects (its message names the row and column)."""
+
+
+class Batcher:
+    """``await score(frame)`` -> [N] float32 probabilities, batched with other requests.
+
+    Args:
+        model: the current Scorer (replaceable at any time).
+        max_rows: rows per batch at most (a request may not exceed it: the server answers 413 first).
+        max_wait: seconds a batch waits for more requests after its first.
+        on_batch: called with (rows, requests, seconds) after each batch (metrics).
+    """
+
+    def __init__(self, model: Any, max_rows: int, max_wait: float, on_batch: Callable[[int, int, float], None]) -> None:
+        self.model = model
+        self.max_rows, self.max_wait, self.on_batch = max_rows, max_wait, on_batch
+        self.queue: asyncio.Queue[Pending | None] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="recsys-score")
+        self.task: asyncio.Task | None = None
+        self.carry: Pending | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Scores what is queued, then stops (the server has stopped taking requests)."""
+        await self.queue.put(None)
+        if self.task is not None:
+            await self.task
+        self.executor.shutdown(wait=True)
+
+    async def score(self, frame: pl.DataFrame) -> np.ndarray:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(Pending(frame, future))
+        return await future
+
+    async def run_alone(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the scoring thread, between batches (loading and warming a model for a swap would
+        otherwise compete with scoring for the same cores)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = self.carry or await self.queue.get()
+            self.carry = None
+            if first is None:
+                return
+            batch, rows = [first], first.frame.height
+            deadline = loop.time() + self.max_wait
+            while rows < self.max_rows:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout)
+                    except TimeoutError:
+                        break
+                if item is None:
+                    stopping = True
+                    break
+                if rows + item.frame.height > self.max_rows:
+                    self.carry = item
+                    break
+                batch.append(item)
+                rows += item.frame.height
+            await loop.run_in_executor(self.executor, self._score_batch, self.model, batch, loop)
+        if self.carry is not None:  # the last request before the stop marker
+            await loop.run_in_executor(self.executor, self._score_batch, self.model, [self.carry], loop)
+
+    def _score_batch(self, model: Any, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+        started = time.perf_counter()
+        try:
+            frames = [p.frame for p in batch]
+            scores = model.score(pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0])
+            bounds = np.cumsum([0] + [f.height for f in frames])
+            results: list[Any] = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            for i, part in enumerate(results):
+                if np.isnan(part).any():  # rejected rows: score this request alone, strictly, for the message
+                    results[i] = self._strict_error(model, frames[i])
+        except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
+            results = [e] * len(batch)
+        self.on_batch(sum(p.frame.height for p in batch), len(batch), time.perf_counter() - started)
+        for pending, result in zip(batch, results):
+            loop.call_soon_threadsafe(_resolve, pending.future, result)
+
+    @staticmethod
+    def _strict_error(model: Any, frame: pl.DataFrame) -> Exception:
+        try:
+            model.score(frame, strict=True)
+        except ServingInputError as e:
+            return BadRows(str(e))
+        return BadRows("a row was rejected by preprocessing")
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if future.done():  # the client went away
+        return
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -1,0 +1,152 @@
+"""Scoring requests of ``recsys serve`` -> polars frames of raw rows, checked before they join a batch.
+
+Bodies (``POST /v1/score``):
+
+* JSON (``application/json``): ``{"rows": [{column: value, ...}, ...]}`` or columnar ``{"columns": {column:
+  [values...]}}``, optionally with ``"context": {column: value}`` holding the columns every row shares (one
+  user and its dense features; ``rows``/``columns`` are then the candidates).
+* Arrow IPC stream (``application/vnd.apache.arrow.stream``): one table of rows (candidates); a shared
+  context may ride in the schema's metadata as JSON under ``context``.
+
+Values are raw, as in the logs: dense features numbers (or null = missing), sparse features strings or
+integers (lists for multi-hot features). Columns the schema does not use are ignored. Each check fails with
+:class:`RequestError` naming the field, so one bad request never fails the batch it would have joined.
+Columns are cast to one dtype per kind (dense Float64, ids Utf8) so any requests concatenate into a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import polars as pl
+
+from recsys.data.schema import Schema
+
+JSON = "application/json"
+ARROW = "application/vnd.apache.arrow.stream"
+BODY_KEYS = ("rows", "columns", "context")
+
+
+class RequestError(Exception):
+    """A request that cannot be scored: ``status`` (4xx), ``kind`` (the errors metric's label), ``field``."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.field = status, kind, message, field
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "kind": self.kind, **({"field": self.field} if self.field else {})}
+
+
+@dataclass(frozen=True)
+class RequestSchema:
+    """What a request must carry: the export's used columns and their kinds."""
+
+    schema: Schema
+    max_rows: int
+
+    @property
+    def columns(self) -> list[str]:
+        return [c for c in self.schema.used_columns() if c != self.schema.label]
+
+    def dtype(self, column: str) -> pl.DataType:
+        if column in self.schema.dense:
+            return pl.Float64()
+        return pl.List(pl.Utf8) if column in self.schema.multi_hot else pl.Utf8()
+
+
+def parse_body(body: bytes, content_type: str, spec: RequestSchema) -> pl.DataFrame:
+    """The request's rows as a frame of the used columns in canonical dtypes; RequestError otherwise."""
+    media = content_type.split(";")[0].strip().lower()
+    if media == ARROW:
+        candidates, context = _arrow_rows(body)
+    elif media in (JSON, ""):
+        candidates, context = _json_rows(body)
+    else:
+        raise RequestError(415, "unsupported_media_type", f"Content-Type must be {JSON} or {ARROW}, got {media!r}")
+    if candidates.height > spec.max_rows:
+        raise RequestError(413, "too_many_rows", f"{candidates.height} rows; at most {spec.max_rows} per request (--max-batch-rows)", "rows")
+    if candidates.height == 0:
+        return pl.DataFrame()
+    both = sorted(set(context) & set(candidates.columns))
+    if both:
+        raise RequestError(400, "bad_request", f"column {both[0]!r} is in both context and the rows", both[0])
+    missing = [c for c in spec.columns if c not in context and c not in candidates.columns]
+    if missing:
+        raise RequestError(400, "missing_column", f"missing column(s) {missing}", missing[0])
+    return candidates.select(_column(name, candidates, context, spec) for name in spec.columns)
+
+
+def _json_rows(body: bytes) -> tuple[pl.DataFrame, dict[str, Any]]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise RequestError(400, "bad_json", f"body is not JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise RequestError(400, "bad_json", "body must be a JSON object with 'rows' or 'columns'")
+    unknown = sorted(set(payload) - set(BODY_KEYS))
+    if unknown:
+        raise RequestError(400, "bad_request", f"unknown key {unknown[0]!r}; valid keys: {list(BODY_KEYS)}", unknown[0])
+    context = payload.get("context") or {}
+    if not isinstance(context, dict):
+        raise RequestError(422, "wrong_type", "'context' must be an object of column: value", "context")
+    if ("rows" in payload) == ("columns" in payload):
+        raise RequestError(400, "bad_request", "give exactly one of 'rows' (a list of objects) or 'columns' (an object of lists)")
+    try:
+        if "rows" in payload:
+            rows = payload["rows"]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise RequestError(422, "wrong_type", "'rows' must be a list of objects", "rows")
+            frame = pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+        else:
+            columns = payload["columns"]
+            if not isinstance(columns, dict) or not all(isinstance(v, list) for v in columns.values()):
+                raise RequestError(422, "wrong_type", "'columns' must be an object of lists", "columns")
+            lengths = {name: len(v) for name, v in columns.items()}
+            if len(set(lengths.values())) > 1:
+                raise RequestError(400, "bad_request", f"columns differ in length: {lengths}", "columns")
+            frame = pl.DataFrame(columns, strict=False)
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as e:
+        raise RequestError(422, "wrong_type", f"rows mix value types: {' '.join(str(e).split())}", "rows") from None
+    return frame, context
+
+
+def _arrow_rows(body: bytes) -> tuple[pl.DataFrame, dict[str, Any]]:
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(body).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise RequestError(400, "bad_arrow", f"body is not an Arrow IPC stream: {e}") from None
+    raw = (table.schema.metadata or {}).get(b"context")
+    try:
+        context = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as e:
+        raise RequestError(400, "bad_json", f"schema metadata 'context' is not JSON: {e}", "context") from None
+    if not isinstance(context, dict):
+        raise RequestError(422, "wrong_type", "schema metadata 'context' must be a JSON object", "context")
+    return pl.from_arrow(table.replace_schema_metadata(None)), context
+
+
+def _column(name: str, candidates: pl.DataFrame, context: dict[str, Any], spec: RequestSchema) -> pl.Expr:
+    """One used column in its canonical dtype (a context value repeated over the rows); wrong types fail
+    here, naming the column: dense must be numbers, ids strings or integers (lists for multi-hot)."""
+    want = spec.dtype(name)
+    if name in context:
+        value = context[name]
+        series = pl.Series(name, [value] * max(candidates.height, 1) if candidates.width else [value], strict=False)
+    else:
+        series = candidates[name]
+    dtype = series.dtype
+    ok = dtype == pl.Null or (
+        dtype.is_numeric() if name in spec.schema.dense
+        else isinstance(dtype, pl.List) and (dtype.inner.is_integer() or dtype.inner in (pl.Utf8, pl.Null))
+        if name in spec.schema.multi_hot else dtype.is_integer() or dtype == pl.Utf8
+    )  # fmt: skip
+    if not ok:
+        kind = "numbers" if name in spec.schema.dense else "strings or integers" + (" (lists)" if name in spec.schema.multi_hot else "")
+        where = "context" if name in context else "rows"
+        raise RequestError(422, "wrong_type", f"column {name!r} ({where}) must hold {kind}, got {dtype}", name)
+    return pl.lit(series.cast(want)) if name in context else pl.col(name).cast(want)

@@ -1,0 +1,197 @@
+"""``recsys serve``: requests, batching, metrics, the export swap (in process, through Starlette's test
+client), and the SIGTERM drain of a real server process (slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from starlette.testclient import TestClient
+
+from recsys.serving import load
+from recsys.serving.batcher import Batcher
+from recsys.serving.requests import ARROW
+from recsys.serving.server import ServeConfig, create_app, load_export
+from tests.helpers import child_env, free_port
+
+NAMES = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
+CONTEXT = [f"I{i}" for i in range(1, 14)] + [f"C{i}" for i in range(1, 6)]  # a user's columns, shared
+
+
+def raw_rows(serving_run, count: int, start: int = 0) -> list[dict]:
+    """Test rows as JSON objects: ints for dense fields, hex strings for ids, null for empty fields."""
+    lines = (serving_run.raw / "test.tsv").read_text().splitlines()[start : start + count]
+    rows = []
+    for line in lines:
+        fields = dict(zip(NAMES[1:], line.split("\t")[1:]))
+        rows.append({k: None if v == "" else int(v) if k.startswith("I") else v for k, v in fields.items()})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def app_client(serving_run):
+    config = ServeConfig(str(serving_run.export), max_batch_rows=256, max_wait_ms=2)
+    with TestClient(create_app(config)) as client:
+        yield client
+
+
+def test_scores_equal_the_scorer_for_rows_columns_context_and_arrow(app_client, serving_run) -> None:
+    rows = raw_rows(serving_run, 40)
+    expected = load(serving_run.export).score(pl.DataFrame(rows))
+    as_rows = app_client.post("/v1/score", json={"rows": rows})
+    assert as_rows.status_code == 200 and np.array_equal(np.float32(as_rows.json()["scores"]), expected)
+    columns = {name: [r[name] for r in rows] for name in rows[0]}
+    assert app_client.post("/v1/score", json={"columns": columns}).json()["scores"] == as_rows.json()["scores"]
+
+    # One user's context shared by candidates: the same scores as the full rows with the context repeated.
+    context = {k: rows[0][k] for k in CONTEXT}
+    candidates = [{k: v for k, v in r.items() if k not in context} for r in rows]
+    shared = np.float32(app_client.post("/v1/score", json={"context": context, "rows": candidates}).json()["scores"])
+    assert np.array_equal(shared, load(serving_run.export).score(pl.DataFrame([{**r, **context} for r in candidates])))
+    table = pl.DataFrame(candidates).to_arrow().replace_schema_metadata({"context": json.dumps(context)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    arrow = app_client.post("/v1/score", content=sink.getvalue().to_pybytes(), headers={"content-type": ARROW})
+    assert np.array_equal(np.float32(arrow.json()["scores"]), shared)
+    assert app_client.post("/v1/score", json={"rows": []}).json()["scores"] == []
+
+
+@pytest.mark.parametrize(
+    "change, status, kind, field",
+    [
+        (lambda body: {"rows": [{k: v for k, v in r.items() if k != "C3"} for r in body["rows"]]}, 400, "missing_column", "C3"),
+        (lambda body: {"rows": [{**r, "I2": "many"} for r in body["rows"]]}, 422, "wrong_type", "I2"),
+        (lambda body: {"rows": [{**r, "C7": 3.5} for r in body["rows"]]}, 422, "wrong_type", "C7"),
+        (lambda body: {"context": {"I1": [1]}, "rows": [{k: v for k, v in r.items() if k != "I1"} for r in body["rows"]]}, 422, "wrong_type", "I1"),
+        (lambda body: {"context": {"C1": "a"}, "rows": body["rows"]}, 400, "bad_request", "C1"),
+        (lambda body: {"rows": body["rows"] * 100}, 413, "too_many_rows", "rows"),
+        (lambda body: {**body, "user": 1}, 400, "bad_request", "user"),
+        (lambda body: {"rows": body["rows"], "columns": {}}, 400, "bad_request", None),
+        (lambda body: {"rows": "all"}, 422, "wrong_type", "rows"),
+        (lambda body: {"columns": {"I1": [1, 2], "I2": [1]}}, 400, "bad_request", "columns"),
+        (lambda body: b"{not json", 400, "bad_json", None),
+        (lambda body: {"rows": [{**body["rows"][0], "C2": "not-hex"}]}, 422, "bad_value", None),
+    ],
+    ids=["missing", "dense-string", "id-float", "context-list", "twice", "too-many", "unknown-key", "both",
+         "rows-not-list", "ragged", "not-json", "bad-hex-id"],  # fmt: skip
+)
+def test_bad_requests_get_a_4xx_naming_the_field(app_client, serving_run, change, status, kind, field) -> None:
+    body = change({"rows": raw_rows(serving_run, 3)})
+    response = app_client.post("/v1/score", **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert error["kind"] == kind and error.get("field") == field and "Traceback" not in response.text
+    if kind == "bad_value":
+        assert "C2" in error["error"] and "not-hex" in error["error"]
+    wrong = app_client.post("/v1/score", content=b"x", headers={"content-type": "text/csv"})
+    assert wrong.status_code == 415 and wrong.json()["kind"] == "unsupported_media_type"
+
+
+def test_probes_model_and_metrics(app_client, serving_run) -> None:
+    assert app_client.get("/healthz").status_code == 200
+    assert app_client.get("/readyz").json() == {"ready": True}
+    model = app_client.get("/v1/model").json()
+    assert model["manifest"] == json.loads((serving_run.export / "manifest.json").read_text())
+    app_client.post("/v1/score", json={"rows": raw_rows(serving_run, 5)})
+    app_client.post("/v1/score", json={"rows": [{"I1": 1}]})
+    metrics = app_client.get("/metrics").text
+    for series in ('recsys_requests_total{status="200"}', 'recsys_errors_total{kind="missing_column"}',
+                   "recsys_rows_total", "recsys_request_seconds_bucket", "recsys_batch_rows_bucket", "recsys_ready 1.0"):  # fmt: skip
+        assert series in metrics, series
+
+
+def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) -> None:
+    scorer = load(serving_run.export)
+    frames = [pl.DataFrame(raw_rows(serving_run, n, start)) for n, start in ((1, 0), (7, 1), (30, 8), (3, 38))] * 3
+    batches: list[tuple[int, int]] = []
+
+    async def run() -> list[np.ndarray]:
+        batcher = Batcher(scorer, max_rows=64, max_wait=0.05, on_batch=lambda rows, n, s: batches.append((rows, n)))
+        batcher.start()
+        results = await asyncio.gather(*(batcher.score(f) for f in frames))
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(run())
+    for frame, scores in zip(frames, results):  # float32 matmuls round differently at other batch sizes
+        np.testing.assert_allclose(scores, scorer.score(frame), rtol=0, atol=1e-6)
+    assert sum(n for _, n in batches) == len(frames) and max(n for _, n in batches) > 1  # requests were joined
+    assert max(rows for rows, _ in batches) <= 64
+
+
+def test_swap_refuses_a_broken_export_and_keeps_serving(serving_run, tmp_path: Path) -> None:
+    broken = shutil.copytree(serving_run.export, tmp_path / "broken")
+    (broken / "model.pt").write_bytes(b"not a model")
+    good = shutil.copytree(serving_run.export, tmp_path / "good")
+    config = ServeConfig(str(serving_run.export), max_batch_rows=256)
+    rows = raw_rows(serving_run, 20)
+    with TestClient(create_app(config, load_export(config.export, config))) as client:
+        expected = client.post("/v1/score", json={"rows": rows}).json()["scores"]
+        answers: list[int] = []
+        stop = threading.Event()
+
+        def keep_scoring() -> None:  # requests in flight across both swaps
+            while not stop.is_set():
+                answers.append(client.post("/v1/score", json={"rows": rows}).status_code)
+
+        thread = threading.Thread(target=keep_scoring)
+        thread.start()
+        refused = client.post("/admin/reload", json={"export": str(broken)})
+        assert refused.status_code == 409 and refused.json()["swapped"] is False
+        assert refused.json()["serving"]["folder"] == str(serving_run.export)
+        assert client.get("/v1/model").json()["folder"] == str(serving_run.export)
+        assert client.post("/admin/reload", json={"export": str(tmp_path / "nothing")}).status_code == 409
+        swapped = client.post("/admin/reload", json={"export": str(good)})
+        stop.set()
+        thread.join()
+        assert swapped.status_code == 200 and swapped.json()["folder"] == str(good)
+        assert client.get("/v1/model").json()["folder"] == str(good)
+        assert answers and set(answers) == {200}
+        assert client.post("/v1/score", json={"rows": rows}).json()["scores"] == expected
+        metrics = client.get("/metrics").text
+        assert 'recsys_reloads_total{result="refused"} 2.0' in metrics and 'recsys_reloads_total{result="swapped"} 1.0' in metrics
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests_then_exits_0(serving_run, tmp_path: Path) -> None:
+    port = free_port()
+    # Batches wait 3 s for company: a request is still in flight when SIGTERM comes.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "serve", str(serving_run.export), "--port", str(port), "--max-wait-ms", "3000"],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx2.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx2.TransportError:
+                time.sleep(0.2)
+        rows = raw_rows(serving_run, 10)
+        answer: dict = {}
+        request = threading.Thread(target=lambda: answer.update(r=httpx2.post(f"{url}/v1/score", json={"rows": rows}, timeout=60)))
+        request.start()
+        time.sleep(1.0)
+        server.send_signal(signal.SIGTERM)
+        request.join()
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    assert answer["r"].status_code == 200 and len(answer["r"].json()["scores"]) == 10
+    with pytest.raises(httpx2.TransportError):
+        httpx2.get(f"{url}/healthz")
