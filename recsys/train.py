@@ -1,4 +1,4 @@
-"""The training recipe: data -> DeepFM -> DistributedModelParallel -> train / evaluate / checkpoint.
+"""The training recipe: data -> model (``model.name``) -> DistributedModelParallel -> train / evaluate / checkpoint.
 
 Read top to bottom, ``train()`` is the whole job. It runs unchanged as one process (``recsys train``) or
 as N ranks under torchrun/TorchX: every run joins a process group, the planner places the tables and
@@ -51,7 +51,7 @@ from recsys.divergence import NonFiniteGuard
 from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
-from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.models.registry import CTRTrain, build_model
 from recsys.resolve import resolve_config
 from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
@@ -177,8 +177,8 @@ def build_job(config: Config) -> Job:
     max_steps = cfg_train.max_steps or cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
-    model = build_deepfm(config, device="meta")
-    dmp = shard_model(DeepFMTrain(model, build_loss(config.loss)), config, env)
+    model = build_model(config, device="meta")
+    dmp = shard_model(CTRTrain(model, build_loss(config.loss)), config, env)
     optimizer = build_optimizer(dmp, config, schedule.wrap)
     return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
 

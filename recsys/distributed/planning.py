@@ -1,4 +1,4 @@
-"""Where TorchRec's planner puts DeepFM's tables: topology, constraints, the planner, and ``recsys plan``.
+"""Where TorchRec's planner puts a model's tables: topology, constraints, the planner, and ``recsys plan``.
 
 * ``make_topology``: the cluster as the planner sees it, with the config's per-rank memory caps.
 * ``make_constraints``: ``sharding`` in the config as TorchRec ``ParameterConstraints`` per table.
@@ -47,7 +47,7 @@ from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, ConfigError, 
 from recsys.distributed.env import DistEnv, on_main_rank
 from recsys.distributed.optimizers import attach_sparse_optimizer
 from recsys.distributed.sharders import make_sharders
-from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.models.registry import CTRTrain, build_model
 from recsys.resolve import resolve_config
 
 # config.py lists the names a config may use (it loads without torch); they must be TorchRec's.
@@ -150,7 +150,7 @@ class Planner:
 
     Example::
 
-        model = DeepFMTrain(build_deepfm(config, device="meta"))
+        model = CTRTrain(build_model(config, device="meta"))
         attach_sparse_optimizer(model, config, torch.device("cuda"))
         planner = Planner(config, make_topology(config, 16, 8, "cuda"), model)
         plan = planner.plan()  # raises PlanError when the tables do not fit
@@ -410,7 +410,7 @@ def dry_run(
     if compute_device == "cpu":  # the tables live in host memory: its cap is the rank's (make_topology)
         host_source = "the rank's DDR cap"
     start = time.perf_counter()
-    model = DeepFMTrain(build_deepfm(config, device="meta"))
+    model = CTRTrain(build_model(config, device="meta"))
     attach_sparse_optimizer(model, config, torch.device(compute_device))
     topology = make_topology(config, world_size, local_world_size, compute_device)
     planner = Planner(config, topology, model)
