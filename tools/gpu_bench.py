@@ -115,7 +115,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16_384, help="batch (one device)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="where the model trains: cuda (what this measures) or cpu (smoke runs)")
     parser.add_argument("--table-scale", type=float, default=1.0, help="divide every table by this (smoke runs)")
     parser.add_argument("--work", type=Path, help="keep generated data here (reused when present)")
     parser.add_argument("--out", type=Path, help="also write the JSON lines here")

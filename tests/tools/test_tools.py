@@ -129,3 +129,4 @@ def test_bench_every_contender(tmp_path: Path) -> None:
 def test_sweep(tmp_path: Path) -> None:
     lines = run_tool("tools/sweep.py", "--seeds", "0", "--rows", "6000", "--work", str(tmp_path), "model.dropout=0.1")
     assert lines[-1]["ranking"][0]["overrides"] == "model.dropout=0.1"
+
