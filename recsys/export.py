@@ -213,12 +213,11 @@ def export_onnx(model: DeepFM, serving: dict, path: Path, table_limit_bytes: int
     """
     ebc = model.sparse_arch.embedding_bag_collection
     table_bytes = sum(t.weight.numel() * t.weight.element_size() for t in ebc.embedding_bags.values())
-    ids, features = serving["preprocessing"]["ids"], serving["features"]
-    rate = serving["negative_sampling_rate"]
+    features, rate = serving["features"], serving["negative_sampling_rate"]
     batch = 3  # > 1, or the exporter specializes the batch dimension
     dense = torch.rand(batch, len(features["dense"]))
     if table_bytes <= table_limit_bytes:
-        module: torch.nn.Module = OnnxDeepFM(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], rate)
+        module: torch.nn.Module = _stacked(model, serving)
         lengths = torch.ones(len(features["sparse"]), batch, dtype=torch.long)
         args: tuple = (dense, torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)
         names = ["dense", "values", "lengths"]
@@ -282,6 +281,7 @@ def export_model(
     checkpoint: str | None = None,
     quantize: str | None = None,
     onnx: bool = False,
+    program: str | None = None,
     negative_sampling_rate: float | None = None,
     onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
 ) -> dict[str, Any]:
@@ -345,6 +345,8 @@ def export_model(
         if onnx:
             manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
             manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])
+        if program:  # "torch_export" or "aoti": recsys.serving.exported (fp32 tables only)
+            manifest["torch_export"] = _programs(model, manifest, fp32, config, tmp, aoti=program == "aoti")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         manifest["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
@@ -353,6 +355,23 @@ def export_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _programs(model: DeepFM, manifest: dict, fp32: torch.jit.ScriptModule, config: Config, folder: Path, aoti: bool) -> dict:
+    """model.pt2 (torch.export) and with ``aoti`` model_aoti.pt2, checked against TorchScript on test rows."""
+    from recsys.serving.exported import write_programs
+
+    if manifest["model"]["quantization"] != "fp32":
+        raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
+    parity = _parity_inputs(config, bad_ids=True)
+    with torch.no_grad(), _quiet():
+        return write_programs(_stacked(model, manifest), folder, parity, fp32.score_tensors(*parity).numpy(), aoti)
+
+
+def _stacked(model: DeepFM, serving: dict) -> OnnxDeepFM:
+    """The whole model over one stacked table, plain tensors in (what ONNX and torch.export carry)."""
+    ids, features = serving["preprocessing"]["ids"], serving["features"]
+    return OnnxDeepFM(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"])
 
 
 def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from recsys.serving.scorer import Scorer
 
 
-def load(export_dir: str | Path, batch_size: int = 16384) -> Scorer:
-    """The export folder ``export_dir`` as a :class:`Scorer` (``score(frame_or_lines)`` -> probabilities)."""
+def load(export_dir: str | Path, batch_size: int = 16384, backend: str = "torchscript") -> Scorer:
+    """The export folder ``export_dir`` as a :class:`Scorer` (``score(frame_or_lines)`` -> probabilities);
+    ``backend``: the model file it runs (``torchscript``, ``torch_export``, ``aoti``)."""
     from recsys.serving.scorer import Scorer
 
-    return Scorer(export_dir, batch_size)
+    return Scorer(export_dir, batch_size, backend)

@@ -38,6 +38,7 @@ class Scorer:
     Args:
         export_dir: a folder written by ``recsys export``.
         batch_size: rows per model call.
+        backend: ``torchscript`` (model.pt), or ``torch_export`` / ``aoti`` (``recsys.serving.exported``).
 
     Example::
 
@@ -47,7 +48,7 @@ class Scorer:
         scorer.last["bad_rows"], scorer.last["oov"]  # rows the last call rejected, ids on the OOV row
     """
 
-    def __init__(self, export_dir: str | Path, batch_size: int = 16384) -> None:
+    def __init__(self, export_dir: str | Path, batch_size: int = 16384, backend: str = "torchscript") -> None:
         folder = Path(export_dir)
         if not (folder / MANIFEST).is_file():
             raise ServingInputError(f"{folder}: no {MANIFEST}; not a `recsys export` folder")
@@ -57,7 +58,13 @@ class Scorer:
         schema = schema_from_dict(pre["schema"])
         self.preprocessing = Preprocessing(schema, str(folder / pre["vocab_dir"]) if pre["vocab_dir"] else None)
         self.keys: list[str] = self.manifest["features"]["sparse"]
-        self.model = torch.jit.load(str(folder / self.manifest["model"]["file"]))
+        self.model: Any = torch.jit.load(str(folder / self.manifest["model"]["file"]))
+        if backend != "torchscript":  # a program written by `recsys export --program` (recsys.serving.exported)
+            from recsys.serving.exported import ProgramModel, load_program
+
+            if "torch_export" not in self.manifest:
+                raise ServingInputError(f"{folder}: no torch.export program; export it with --program")
+            self.model = ProgramModel(load_program(folder, backend))
         self.batch_size = batch_size
         self.last: dict[str, Any] = {}
         exported = self.manifest["versions"]["polars"]
