@@ -98,14 +98,21 @@ def _plan(args: argparse.Namespace) -> int:
     from recsys.config import load_config
     from recsys.distributed.planning import PlanError, dry_run, format_report
 
-    config = load_config(args.config, args.overrides)
-    device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
     try:
-        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device, args.device_memory_gb)
-    except PlanError as e:
-        print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(report.as_dict()) if args.json else format_report(report))
+        config = load_config(args.config, args.overrides)
+        device = args.compute_device or ("cpu" if config.sharding.compute_device == "cpu" else "cuda")
+        report = dry_run(config, args.world_size, args.local_world_size or args.world_size, device,
+                         args.device_memory_gb, args.host_memory_gb)  # fmt: skip
+    except (PlanError, UserError) as e:
+        if not args.json:
+            if isinstance(e, PlanError):
+                print(f"recsys: {args.config} does not fit: {e}", file=sys.stderr)
+                return 1
+            raise
+        # --json: scripts read stdout as JSON whatever happened (exit status as without --json)
+        print(json.dumps({"fits": False, "config": args.config, "error": " ".join(str(e).split())}))
+        return 1 if isinstance(e, PlanError) else 2
+    print(json.dumps({"fits": True, **report.as_dict()}) if args.json else format_report(report))
     return 0
 
 
@@ -283,10 +290,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--local-world-size", type=_at_least(0, int), default=0, help="ranks per node (default 0: all on one)")
     pl.add_argument("--device-memory-gb", type=_at_least(0, float), default=None,
                     help="per-rank cap; default sharding.device_memory_gb, else the device's")
+    pl.add_argument("--host-memory-gb", type=_at_least(0, float), default=None,
+                    help="per-rank host memory cap for UVM tables on CUDA; default sharding.host_memory_gb, else "
+                    "TorchRec's assumption (128 GiB per rank, whatever the host has), printed beside HBM")
     pl.add_argument("--compute-device", choices=["cuda", "cpu"], default=None, help="default cuda unless the config says cpu")
-    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--json", action="store_true",
+                    help="print the plan as one JSON object, also on failure ({\"fits\": false, \"error\": ...})")
     pl.set_defaults(func=_plan)
     return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with ``section.key=value`` overrides of config commands accepted anywhere after the
+    config (``recsys eval CONFIG --split val data.eval_batch_size=8192``): argparse gives a ``nargs="*"``
+    positional only the words before the first option, and cannot interleave them under subcommands
+    (``parse_intermixed_args`` refuses subparsers), so the words it leaves over are taken here."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [word for word in rest if "=" in word and not word.startswith("-")]
+        rest = [word for word in rest if word not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 # OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
@@ -315,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsys.warnings_filter import install
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command not in _NO_TORCH:
         check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
     try:

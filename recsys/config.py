@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
@@ -29,6 +29,8 @@ from recsys.config_fields import (  # noqa: F401 (UserError, ConfigError and rea
     read_yaml,
     setting,
 )
+from recsys.models.config import ModelConfig, validate_model
+from recsys.models.tables import table_features, table_name
 
 
 @dataclass
@@ -72,32 +74,6 @@ class DataConfig:
             raise ConfigError(f"data.batch_size={self.batch_size} is the global batch and must divide by the "
                               f"{world_size} processes; use a multiple of {world_size}")
         return self.batch_size // world_size, -(-self.eval_batch_size // world_size)
-
-
-@dataclass
-class ModelConfig:
-    """DeepFM hyper-parameters.
-
-    ``num_embeddings`` is the row count of each feature's table: one int for all, or one per sparse feature.
-    0 (the default) takes the sizes from the data: the shards' ``metadata.json`` (vocabularies, or the
-    schema's hash buckets). Sizes given with data must equal the shards' (a ConfigError names the features
-    that differ; ``recsys.resolve``); without data (``recsys plan``) they size the tables.
-    ``shared_tables`` maps a table name to features that share it.
-    """
-
-    embedding_dim: int = setting(16, low=1)
-    num_embeddings: Union[int, list[int]] = 0
-    pooling: str = "sum"
-    shared_tables: dict[str, list[str]] = field(default_factory=dict)
-    deep_layers: list[int] = setting(lambda: [128, 64], low=1, nonempty=True)
-    activation: str = "relu"
-    dropout: float = setting(0.0, low=0, high=1, high_open=True)
-    batch_norm: bool = False
-    embedding_init_std: float = setting(1e-2, **POSITIVE)
-    # "bfloat16": the MLP's widest matrix product in bfloat16 (float32 weights, tables, FM and loss); about
-    # twice the training speed on CPUs with AVX512-BF16/AMX and on GPUs, emulated (slower) on other CPUs.
-    # "auto": bfloat16 where it is fast, else float32.
-    mlp_precision: str = "float32"
 
 
 @dataclass
@@ -253,10 +229,12 @@ class Config:
 
 
 # Every option list a config can name, defined once. Registries that map the names to code
-# (``recsys.models.deepfm.ACTIVATIONS``, the optimizers of ``recsys.distributed.optimizers``) are declared
-# through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
+# (the models of ``recsys.models.registry``, ``recsys.models.layers.ACTIVATIONS``, the optimizers of
+# ``recsys.distributed.optimizers``) are declared through ``registry`` and so cannot drift from these; sharding types and kernels are checked against
 # TorchRec's enums by ``recsys.distributed.planning``.
 CHOICES = {
+    "model.name": ("deepfm", "dlrm", "dcnv2", "dlrm_dcnv2"),
+    "model.dcnv2.structure": ("parallel", "stacked"),
     "model.pooling": ("sum", "mean"),
     "model.activation": ("relu", "gelu", "tanh", "sigmoid"),
     "model.mlp_precision": ("float32", "bfloat16", "auto"),
@@ -342,10 +320,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
+# FBGEMM's CPU embedding kernels implement only these fused optimizers (its Adam is CUDA-only).
+CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+def check_device(config: Config, device_type: str) -> None:
+    """Refuses in one line, naming the override, what ``device_type`` ("cpu"/"cuda") cannot run: a run
+    fails here, before preprocessing or building the model, not in FBGEMM's kernel lookup."""
+    sparse = config.optimizer.sparse
+    if device_type == "cpu" and sparse not in CPU_SPARSE_OPTIMIZERS:
+        others = ", ".join(CPU_SPARSE_OPTIMIZERS[1:])
+        raise ConfigError(f"optimizer.sparse={sparse} has no FBGEMM CPU kernel: use optimizer.sparse="
+                          f"{CPU_SPARSE_OPTIMIZERS[0]} (or {others}), or a GPU")
+
+
 def validate(config: Config) -> None:
     """Cross-field checks that types alone cannot express. Checks that need the sparse features run once
-    they are known: at load time when the config lists them, else on the resolved config."""
+    they are known: at load time when the config lists them, else on the resolved config; checks that need
+    the device run here when the config names it (``sharding.compute_device=cpu``), else once it is known
+    (``check_device``)."""
     model, data = config.model, config.data
+    if config.sharding.compute_device == "cpu":
+        check_device(config, "cpu")
     if isinstance(model.num_embeddings, list):
         if data.sparse_features and len(model.num_embeddings) != len(data.sparse_features):
             raise ConfigError(
@@ -367,6 +363,7 @@ def validate(config: Config) -> None:
     if data.multi_hot_sizes and data.sparse_features and len(data.multi_hot_sizes) != len(data.sparse_features):
         raise ConfigError(f"data.multi_hot_sizes has {len(data.multi_hot_sizes)} entries but there are "
                           f"{len(data.sparse_features)} sparse features")
+    validate_model(model)
     _validate_recipe(config)
     _validate_sharding(config)
 
@@ -394,9 +391,8 @@ def _validate_recipe(config: Config) -> None:
 def _validate_sharding(config: Config) -> None:
     sharding = config.sharding
     features = config.data.sparse_features
-    shared = config.model.shared_tables
-    in_shared = {f for group in shared.values() for f in group}
-    tables = [*shared, *(f"t_{f}" for f in features if f not in in_shared)]
+    in_shared = {f for group in config.model.shared_tables.values() for f in group}
+    tables = list(table_features(features, config.model.shared_tables))
     entries = {"sharding": sharding, **{f"sharding.tables.{k}": v for k, v in sharding.tables.items()}}
     for key, entry in entries.items():
         for value in entry.sharding_types:
@@ -411,7 +407,7 @@ def _validate_sharding(config: Config) -> None:
             raise ConfigError(f"sharding.tables.{name}.min_partition must be a multiple of 4")
         if not features:
             continue  # table names are checked on the resolved config
-        table = name if name in tables else f"t_{name}"
+        table = name if name in tables else table_name(name)
         if table in resolved:
             raise ConfigError(f"sharding.tables: {resolved[table]!r} and {name!r} name the same table {table!r}")
         resolved[table] = name

@@ -1,7 +1,7 @@
 """Export a trained model for serving: one self-contained folder, written atomically.
 
 The chosen checkpoint (by default the best one early stopping marked, else the latest; possibly written by
-many ranks, with tables split across them) is loaded into an unsharded DeepFM with torch.distributed.checkpoint, which reassembles every table.
+many ranks, with tables split across them) is loaded into the unsharded model (``model.name``, built through ``recsys.models.registry``) with torch.distributed.checkpoint, which reassembles every table.
 The folder holds everything needed to score raw logs without the training data or config:
 
     EXPORT/
@@ -19,8 +19,9 @@ The folder holds everything needed to score raw logs without the training data o
 ``torchrec.fx.symbolic_trace`` traces the model (KeyedJaggedTensor stays a leaf) and TorchScript compiles
 it. ``quantize`` swaps the tables for TorchRec's ``QuantEmbeddingBagCollection`` (FBGEMM row-wise int8 or
 int4 with an fp16 scale and bias per row) via ``torchrec.inference.modules.quantize_inference_model``, after
-cutting them to the columns the model reads, and the MLP's weights for int8
-(``recsys.serving.modules.compact_for_quantization``).
+cutting them to the columns the model reads, and the model's dense parts for int8 stand-ins from its
+export hook (``recsys.serving.modules.compact_for_quantization``). A model without the hook for
+``--quantize`` or ``--onnx`` is refused in one line (``UnsupportedByModel``).
 Full tables must fit in the exporting host's memory.
 """
 
@@ -56,9 +57,9 @@ from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, read_metadata
-from recsys.models.deepfm import DeepFM, DeepFMTrain, build_deepfm
+from recsys.models.registry import CTRTrain, ModelSpec, UnsupportedByModel, build_model, model_spec
 from recsys.resolve import resolve_config
-from recsys.serving.modules import LogitModel, compact_for_quantization, OnnxDeepFM, OnnxDenseDeepFM, ServedModel
+from recsys.serving.modules import LogitModel, OnnxDenseModel, OnnxModel, ServedModel, compact_for_quantization
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
@@ -97,14 +98,14 @@ def _quiet() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def load_unsharded(config: Config, checkpoint: str) -> DeepFM:
-    """DeepFM on CPU with the weights of a (possibly sharded) DCP checkpoint; ``config`` is resolved.
+def load_unsharded(config: Config, checkpoint: str) -> torch.nn.Module:
+    """The model on CPU with the weights of a (possibly sharded) DCP checkpoint; ``config`` is resolved.
 
     The MLP computes in float32 whatever ``model.mlp_precision`` trained it (the weights are float32 either
     way): the serving machine is not the training host (bfloat16 products are fast only with AVX512-BF16 or
     AMX), and ONNX Runtime has no bfloat16 Gemm on CPU."""
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="float32"))
-    wrapper = DeepFMTrain(build_deepfm(config, device="cpu"))
+    wrapper = CTRTrain(build_model(config, device="cpu"))
     check_shapes(checkpoint, {name: value.shape for name, value in wrapper.state_dict().items()})
     wrapper.load_state_dict(read_tensors(checkpoint))
     return wrapper.model.eval().requires_grad_(False)
@@ -151,13 +152,18 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__}  # fmt: skip
 
 
-def script_model(model: DeepFM, serving: dict, quantize: str | None = None) -> torch.jit.ScriptModule:
-    """The TorchScript serving model; ``quantize`` ("int8"/"int4") swaps in TorchRec's quantized tables.
+def script_model(
+    model: torch.nn.Module, serving: dict, quantize: str | None = None, spec: ModelSpec | None = None
+) -> torch.jit.ScriptModule:
+    """The TorchScript serving model; ``quantize`` ("int8"/"int4") swaps in TorchRec's quantized tables and
+    the dense parts of the model's int8 hook (``spec``: the model's registry entry).
 
     ``serving``: the manifest's ``features``, ``preprocessing.ids`` and ``negative_sampling_rate``.
     """
-    logits = LogitModel(compact_for_quantization(model, QUANT_COLUMN_MULTIPLE[quantize]) if quantize else model)
+    logits = LogitModel(model)
     if quantize:
+        assert spec is not None and spec.int8_parts is not None, "check_supported refuses such exports"
+        logits = LogitModel(compact_for_quantization(model, spec.extra_columns, spec.int8_parts, QUANT_COLUMN_MULTIPLE[quantize]))
         quant_prep_customize_row_alignment(logits, [EmbeddingBagCollection], QUANT_ROW_ALIGNMENT)
         logits = quantize_inference_model(logits, quantization_dtype=QUANTIZE[quantize])
     features, ids = serving["features"], serving["preprocessing"]["ids"]
@@ -206,7 +212,7 @@ def _parity_inputs(config: Config, bad_ids: bool) -> tuple[torch.Tensor, torch.T
     return dense, values.long(), lengths
 
 
-def export_onnx(model: DeepFM, serving: dict, path: Path, table_limit_bytes: int) -> dict:
+def export_onnx(model: torch.nn.Module, serving: dict, path: Path, table_limit_bytes: int) -> dict:
     """Writes ``model.onnx``: the whole model when its tables fit ``table_limit_bytes``, else the dense part.
 
     Returns the manifest's ``onnx`` record (file, what it carries, its inputs).
@@ -224,7 +230,7 @@ def export_onnx(model: DeepFM, serving: dict, path: Path, table_limit_bytes: int
         shapes: tuple = ({0: "batch"}, {0: "ids"}, {1: "batch"})
         carries = "whole model: tables stacked into one [rows, width] initializer"
     else:
-        module = OnnxDenseDeepFM(model, rate)
+        module = OnnxDenseModel(model, rate)
         width = next(iter(ebc.embedding_bags.values())).weight.size(1)
         args = (dense, torch.rand(batch, len(features["sparse"]), width))
         names, shapes = ["dense", "pooled"], ({0: "batch"}, {0: "batch"})
@@ -235,7 +241,7 @@ def export_onnx(model: DeepFM, serving: dict, path: Path, table_limit_bytes: int
     return {"file": path.name, "carries": carries, "inputs": names, "table_bytes": table_bytes}
 
 
-def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: DeepFM, config: Config, record: dict) -> float:
+def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: torch.nn.Module, config: Config, record: dict) -> float:
     """Max |ONNX (onnxruntime) - TorchScript (fp32)| over test rows with bad values mixed in; ExportError
     above ``ONNX_TOLERANCE``."""
     import onnxruntime
@@ -254,6 +260,19 @@ def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: DeepFM, conf
     if not error <= ONNX_TOLERANCE:
         raise ExportError(f"ONNX and TorchScript disagree by {error:.3g} (> {ONNX_TOLERANCE}) on test rows")
     return error
+
+
+def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None) -> None:
+    """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
+    spec, name = model_spec(config), config.model.name
+    if quantize and spec.int8_parts is None:
+        raise UnsupportedByModel(f"--quantize {quantize} is not supported for model {name}")
+    if onnx and not spec.onnx:
+        raise UnsupportedByModel(f"--onnx is not supported for model {name}")
+    if program and not spec.onnx:  # the program carries the module ONNX exports (recsys.serving.exported)
+        raise UnsupportedByModel(f"--program {program} is not supported for model {name}")
+    if program and quantize:
+        raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
 
 
 def _check_destination(out: Path) -> None:
@@ -295,6 +314,7 @@ def export_model(
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
+    check_supported(config, quantize, onnx, program)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
@@ -338,7 +358,7 @@ def export_model(
         if vocab:
             shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
         fp32 = script_model(model, manifest)
-        (script_model(model, manifest, quantize) if quantize else fp32).save(str(tmp / MODEL_FILE))
+        (script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32).save(str(tmp / MODEL_FILE))
         manifest["model"]["bytes"] = (tmp / MODEL_FILE).stat().st_size
         if quantize:
             manifest["quantization"] = _compare_quantized(fp32, manifest, config, tmp)
@@ -357,21 +377,19 @@ def export_model(
     return manifest
 
 
-def _programs(model: DeepFM, manifest: dict, fp32: torch.jit.ScriptModule, config: Config, folder: Path, aoti: bool) -> dict:
+def _programs(model: torch.nn.Module, manifest: dict, fp32: torch.jit.ScriptModule, config: Config, folder: Path, aoti: bool) -> dict:
     """model.pt2 (torch.export) and with ``aoti`` model_aoti.pt2, checked against TorchScript on test rows."""
     from recsys.serving.exported import write_programs
 
-    if manifest["model"]["quantization"] != "fp32":
-        raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
     parity = _parity_inputs(config, bad_ids=True)
     with torch.no_grad(), _quiet():
         return write_programs(_stacked(model, manifest), folder, parity, fp32.score_tensors(*parity).numpy(), aoti)
 
 
-def _stacked(model: DeepFM, serving: dict) -> OnnxDeepFM:
+def _stacked(model: torch.nn.Module, serving: dict) -> OnnxModel:
     """The whole model over one stacked table, plain tensors in (what ONNX and torch.export carry)."""
     ids, features = serving["preprocessing"]["ids"], serving["features"]
-    return OnnxDeepFM(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"])
+    return OnnxModel(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"])
 
 
 def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:

@@ -5,7 +5,7 @@ config it runs.
 ``resolve_config``: the dense and sparse feature lists and one table size per sparse feature. Training,
 evaluation, export and ``recsys plan`` all start from ``resolve_config`` (``recsys.train.build_job``,
 ``recsys.export.export_model``, ``recsys.distributed.planning.dry_run``), and the model reads its table sizes
-from the resolved ``model.num_embeddings`` (``recsys.models.deepfm.build_deepfm``). The resolved config is
+from the resolved ``model.num_embeddings`` (``recsys.models.registry.build_model``). The resolved config is
 what a run saves as ``RUN_DIR/config.yaml``; resolving it again changes nothing.
 
 Policy: what the shards say is never silently replaced, and never silently replaces what the config says.

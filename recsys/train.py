@@ -1,4 +1,4 @@
-"""The training recipe: data -> DeepFM -> DistributedModelParallel -> train / evaluate / checkpoint.
+"""The training recipe: data -> model (``model.name``) -> DistributedModelParallel -> train / evaluate / checkpoint.
 
 Read top to bottom, ``train()`` is the whole job. It runs unchanged as one process (``recsys train``) or
 as N ranks under torchrun/TorchX: every run joins a process group, the planner places the tables and
@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -38,19 +39,19 @@ from recsys.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from recsys.config import Config
+from recsys.config import Config, check_device
 from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, any_rank, inject_fault
-from recsys.distributed.env import DistEnv, init_distributed, on_main_rank
+from recsys.distributed.env import DistEnv, device_type, init_distributed, on_main_rank
 from recsys.distributed.optimizers import build_optimizer
 from recsys.distributed.parallel import shard_model
 from recsys.divergence import NonFiniteGuard
 from recsys.early_stopping import EarlyStopping
 from recsys.losses import build_loss
 from recsys.metrics import CTRMetrics
-from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.models.registry import CTRTrain, build_model
 from recsys.resolve import resolve_config
 from recsys.runlock import run_dir_lock
 from recsys.schedule import Schedule
@@ -166,6 +167,7 @@ class Job:
 
 def build_job(config: Config) -> Job:
     """Resolves ``config`` against its data, joins the process group, loads the splits and shards the model."""
+    check_device(config, device_type(config.sharding.compute_device))  # before preprocessing raw files
     config = resolve_config(config)
     env = init_distributed(config.sharding.compute_device)
     seed_everything(config.training.seed)
@@ -175,8 +177,8 @@ def build_job(config: Config) -> Job:
     max_steps = cfg_train.max_steps or cfg_train.epochs * steps_per_epoch
     schedule = Schedule(config, max_steps)
     # Tables are declared on the meta device: DMP allocates only this rank's shards.
-    model = build_deepfm(config, device="meta")
-    dmp = shard_model(DeepFMTrain(model, build_loss(config.loss)), config, env)
+    model = build_model(config, device="meta")
+    dmp = shard_model(CTRTrain(model, build_loss(config.loss)), config, env)
     optimizer = build_optimizer(dmp, config, schedule.wrap)
     return Job(config, env, splits, dmp, optimizer, schedule, steps_per_epoch, max_steps)
 
@@ -201,10 +203,13 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     if early stopping marked one, else the latest) on the val or test split."""
     job = build_job(config)
     path = on_main_rank(lambda: resolve_checkpoint(job.config.training.run_dir, checkpoint))
-    load_checkpoint(path, job.model, optimizer=None)
+    step = int(load_checkpoint(path, job.model, optimizer=None)["step"])
     data = getattr(job.splits, split)
     if data is None:
         raise ValueError(f"data.{split} is not set")
+    if job.env.is_main:  # on stderr: stdout carries the metrics alone (JSON for scripts)
+        print(f"scoring {path} (step {step}) on the {split} split ({len(data):,} rows, data.{split}="
+              f"{getattr(job.config.data, split)})", file=sys.stderr)
     return evaluate_job(job, data).metrics
 
 
@@ -217,6 +222,29 @@ def train(config: Config, verify: bool = False) -> dict[str, dict[str, float]]:
     """
     with GracefulStop() as stop, contextlib.ExitStack() as held:
         return _train(config, stop, verify, held)
+
+
+# An epoch of fewer steps than this gives the per-epoch recipe (validation, early stopping, learning rates)
+# too few updates: the 1,999-row Kaggle sample at batch 4096 is one step, after which validation reads AUC
+# 0.58 and calibration 5.3. The advice aims at TARGET_STEPS_PER_EPOCH.
+MIN_STEPS_PER_EPOCH = 10
+TARGET_STEPS_PER_EPOCH = 20
+
+
+def short_epoch_advice(train_rows: int, steps_per_epoch: int, batch_size: int, world_size: int) -> dict | None:
+    """None for an epoch of at least ``MIN_STEPS_PER_EPOCH`` steps, else the warning: a message naming the
+    batch size (a power of two that divides by ``world_size``) that gives about ``TARGET_STEPS_PER_EPOCH``."""
+    if steps_per_epoch >= MIN_STEPS_PER_EPOCH:
+        return None
+    suggested = 1 << max(0, (train_rows // TARGET_STEPS_PER_EPOCH).bit_length() - 1)
+    suggested = max(world_size, suggested - suggested % world_size)
+    steps = -(-train_rows // suggested)
+    message = (f"an epoch is {steps_per_epoch} step(s) ({train_rows:,} train rows at data.batch_size={batch_size}): "
+               "too few updates for validation, early stopping and the learning rates, which work per epoch; "
+               f"use data.batch_size={suggested} ({steps} steps per epoch), or configs/criteo_small.yaml for "
+               "logs this small")  # fmt: skip
+    return {"kind": "short_epoch", "steps_per_epoch": steps_per_epoch, "train_rows": train_rows,
+            "batch_size": batch_size, "suggested_batch_size": suggested, "message": message}  # fmt: skip
 
 
 def resume_point(run_dir: str, resume: bool, verify: bool) -> str | None:
@@ -275,6 +303,11 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     if cfg_data.negative_downsampling < 1:
         logger.event("data", progress["step"], train_rows_kept=len(splits.train), seed=cfg_train.seed,
                      negative_downsampling=cfg_data.negative_downsampling)
+    advice = short_epoch_advice(len(splits.train), job.steps_per_epoch, global_batch, env.world_size)
+    if advice:
+        logger.event("warning", progress["step"], **advice)
+        if env.is_main:
+            print(f"warning: {advice['message']}")
     pipeline = TrainPipelineSparseDist(dmp, optimizer, env.device)
 
     def run_eval(stage: str, split: ShardedSplit) -> Evaluation:
@@ -288,8 +321,8 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
 
     def validate() -> bool:
         """Evaluates on val; True when early stopping finds this the best model so far."""
-        nonlocal last_val
-        last_val = run_eval("val", splits.val)
+        nonlocal last_val, validated_at
+        last_val, validated_at = run_eval("val", splits.val), progress["step"]
         schedule.on_validation(last_val.metrics, progress["step"])
         target.check(last_val.metrics["auc"], progress["step"])
         return stopper.update(last_val.metrics, progress["step"])
@@ -307,6 +340,10 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     target = TargetAUC(cfg_train.target_auc, global_batch, progress["step"], logger, env.is_main)
     last_val: Evaluation | None = None
     guard = NonFiniteGuard(cfg_train.nonfinite_patience, resume_from)
+    validated_at = -1
+    # A bar redrawn into a file (TorchX and batch logs) is a line per redraw: there, one line per logged window.
+    show_bar = env.is_main and config.logging.progress_bar and sys.stderr.isatty()
+    print_lines = env.is_main and not show_bar
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = splits.train.batches(
@@ -316,7 +353,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
         )  # fmt: skip
         bar = tqdm(
             total=steps_per_epoch, initial=progress["batch_in_epoch"], desc=f"epoch {progress['epoch']}",
-            disable=not (env.is_main and config.logging.progress_bar), dynamic_ncols=True,
+            disable=not show_bar, dynamic_ncols=True,
         )  # fmt: skip
         window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
         while progress["step"] < max_steps:
@@ -337,6 +374,10 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
                 rate = window_steps * global_batch / (time.perf_counter() - window_start)
                 mean_loss = global_mean(window_loss / window_steps, env.device)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_per_s=f"{rate:,.0f}")
+                if print_lines:
+                    print(f"step {progress['step']}/{max_steps} (epoch {progress['epoch']}, batch "
+                          f"{progress['batch_in_epoch']}/{steps_per_epoch}): loss={mean_loss:.4f} "
+                          f"samples_per_s={rate:,.0f}", flush=True)  # fmt: skip
                 logger.log("train", progress["step"], {"loss": mean_loss, "samples_per_s": rate,
                                                        **schedule.learning_rates()})
                 window_start, window_steps, window_loss = time.perf_counter(), 0, 0.0
@@ -363,18 +404,27 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
             checkpoint(validate())
             if target.reached:
                 break
-        elif progress["step"] >= max_steps or stopper.stopped or target.reached:
+        elif stopper.stopped or target.reached:  # the validation that stopped the run has seen every step
             checkpoint()
+            break
+        elif progress["step"] >= max_steps:  # mid-epoch: the steps since the last validation count too
+            checkpoint(validated_at != progress["step"] and validate())
             break
 
     if signum := stop.requested(env.device):  # a signal during the last step's checkpoint: no final evaluation
         raise TrainingStopped(signum, progress["step"], str(guard.last_checkpoint))
-    logger.event("stop", progress["step"], **(target.stop_reason() or stop_reason(stopper, progress["step"], max_steps,
-                                                                                   cfg_train.max_steps)))
+    reason = target.stop_reason() or stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps)
+    logger.event("stop", progress["step"], **reason)
+    if env.is_main:
+        print(f"stopped at step {progress['step']}: {reason['detail']}")
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):
         # The final metrics are the best model's, as eval and export see it (training is over: weights only).
         progress["step"] = int(load_checkpoint(on_main_rank(lambda: best_checkpoint(run_dir)), dmp, optimizer=None)["step"])
         last_val = None
+    monitor = stopper.monitor
+    if env.is_main and config.early_stopping.enabled and monitor.best_step >= 0:
+        print(f"best checkpoint: step {monitor.best_step} (val {config.early_stopping.monitor}={monitor.best:.5f}); "
+              f"the metrics below, eval and export use it")
     final = {"val": last_val or run_eval("val", splits.val)}
     if splits.test is not None:
         final["test"] = run_eval("test", splits.test)

@@ -205,3 +205,16 @@ def test_the_shell_sees_the_exit_status(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("recsys train: error: ")
     assert "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_overrides_are_taken_anywhere_after_the_config(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    seen = []
+    monkeypatch.setattr(recsys.train, "evaluate_checkpoint",
+                        lambda config, split, checkpoint: seen.append((config.data.eval_batch_size, split)) or {})
+    assert main(["eval", str(config_file), "--split", "val", "data.eval_batch_size=8192"]) == 0
+    assert seen == [(8192, "val")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(config_file), "--split", "val", "--bogus", "data.eval_batch_size=8"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The training loss: plain, class-weighted and focal BCE, and fx-traceability inside DeepFMTrain."""
+"""The training loss: plain, class-weighted and focal BCE, and fx-traceability inside CTRTrain."""
 
 from __future__ import annotations
 

@@ -158,3 +158,23 @@ def test_resume_eval_and_export_with_another_model_shape_name_the_parameters_fir
     assert main(["export", str(run_dir / "config.yaml"), "model.deep_layers=[64,16]", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.search(differ, err), err
+
+
+def test_the_console_of_a_run_logged_to_a_file(synthetic_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Output that is no terminal (pytest's capture, TorchX logs) gets a line per logged window, not bar
+    redraws; the stop reason and best step are printed; steps after the last validation are validated at
+    max_steps; eval says what it scored."""
+    run_dir = tmp_path / "run"
+    config = make_config(synthetic_shards, run_dir, "training.max_steps=5", "training.eval_every_steps=2",
+                         "early_stopping.enabled=true", "early_stopping.patience=9", "logging.progress_bar=true",
+                         "logging.log_every_steps=2")  # fmt: skip
+    train(config)
+    console = capsys.readouterr()
+    assert "step 2/5 (epoch 0, batch 2/" in console.out and "step 4/5" in console.out
+    assert "epoch 0:" not in console.err  # no tqdm bar
+    assert "stopped at step 5: training.max_steps=5 reached" in console.out
+    validated = [row["step"] for row in read_metrics(run_dir, "val")]
+    assert validated[:3] == [2, 4, 5], validated  # the last steps were validated before the best was chosen
+    assert f"best checkpoint: step {validated[-1]} (val auc=" in console.out, console.out
+    evaluate_checkpoint(config, "val")
+    assert f"(step {validated[-1]}) on the val split" in capsys.readouterr().err

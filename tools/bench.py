@@ -2,6 +2,7 @@
 
     pip install -e .[bench]          # DeepCTR-Torch and scikit-learn (the optional third contender)
     flock /tmp/bench.lock python tools/bench.py [--rows 1250000] [--threads 2] [--regimes small,kaggle]
+    flock /tmp/bench.lock python tools/bench.py --models [--rows 500000]   # every model: tools/bench_models.py
 
 Generates Criteo-format rows with a planted model (``recsys generate``; 80/10/10 train/val/test), hashes the
 categorical ids into the tables of each regime with ``recsys preprocess --sparse-mode hash``, then for each
@@ -131,10 +132,11 @@ def recsys_overrides(shards: Path, run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_recsys(shards: Path, work: Path) -> dict[str, Any]:
-    """configs/synthetic.yaml with its data paths pointed at the regime's shards; train, then eval."""
+def run_recsys(shards: Path, work: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """configs/synthetic.yaml with its data paths pointed at the regime's shards (and ``overrides``); train,
+    then eval."""
     run_dir = work / "run"
-    train_peak, records = train_recsys(shards, run_dir)
+    train_peak, records = train_recsys(shards, run_dir, overrides)
     steps = [r for r in records if r["stage"] == "train"]
     seconds, samples, last_step = 0.0, 0.0, 0
     batch = model_shape()["batch_size"]
@@ -142,7 +144,7 @@ def run_recsys(shards: Path, work: Path) -> dict[str, Any]:
         window = (r["step"] - last_step) * batch
         seconds, samples, last_step = seconds + window / r["samples_per_s"], samples + window, r["step"]
     eval_peak = measure_process([sys.executable, "-m", "recsys", "eval", str(REPO / "configs" / "synthetic.yaml"),
-                                 *recsys_overrides(shards, run_dir), "--split", "test"])  # fmt: skip
+                                 *recsys_overrides(shards, run_dir), *overrides, "--split", "test"])  # fmt: skip
     test = [r for r in records if r["stage"] == "test"][-1]
     return {
         "train_samples_per_s": round(samples / seconds),
@@ -346,7 +348,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_250_000, help="generated rows, 80%% train (default 1.25M)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender")
-    parser.add_argument("--regimes", default="small,kaggle")
+    parser.add_argument("--regimes", help="default small,kaggle; with --models tiny,small,kaggle")
+    parser.add_argument("--models", action="store_true", help="every recsys model, plain DeepFM and TorchRec's "
+                        "DLRM_DCN (tools/bench_models.py)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--slow-steps", type=int, default=10, help="steps of a contender too slow for an epoch")
     parser.add_argument("--work", type=Path, help="keep generated data and runs here (reused when present)")
@@ -377,13 +381,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         raw = prepare_data(work, args.rows)
+        if args.models:
+            from bench_models import run_models
+
+            run_models(raw, work, (args.regimes or "tiny,small,kaggle").split(","), args.threads, args.slow_steps, host)
+            return
         mlp = work / "mlp.json"
         subprocess.run([sys.executable, __file__, "--worker", "mlp", "--result", str(mlp), "--threads",
                         str(args.threads)], check=True)  # fmt: skip
         bound = json.loads(mlp.read_text())["train_samples_per_s"]
         print(json.dumps({"bench": "mlp_bound", **json.loads(mlp.read_text()), **host}), flush=True)
         results: dict[tuple[str, str], dict[str, Any]] = {}
-        for regime in args.regimes.split(","):
+        for regime in (args.regimes or "small,kaggle").split(","):
             shards = preprocess(raw, work / f"shards_{regime}", REGIMES[regime])
             for contender in contenders:
                 if contender == "deepctr" and regime != "small":

@@ -9,6 +9,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from recsys.config import ConfigError
+
 T = TypeVar("T")
 
 
@@ -25,10 +27,15 @@ class DistEnv:
         return self.rank == 0
 
 
+def device_type(compute_device: str) -> str:
+    """"cuda" or "cpu": what ``sharding.compute_device`` picks on this host (``auto``: a GPU if one is visible)."""
+    if compute_device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("sharding.compute_device=cuda but no CUDA device is visible: use sharding.compute_device=cpu")
+    return "cuda" if compute_device == "cuda" or (compute_device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def choose_device(compute_device: str, local_rank: int) -> torch.device:
-    if compute_device == "cuda" or (compute_device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("sharding.compute_device=cuda but no CUDA device is visible")
+    if device_type(compute_device) == "cuda":
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

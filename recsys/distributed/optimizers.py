@@ -1,4 +1,4 @@
-"""Optimizers of a sharded DeepFM: the fused FBGEMM optimizer of the tables and the dense optimizer.
+"""Optimizers of a sharded model: the fused FBGEMM optimizer of the tables and the dense optimizer.
 
 ``optimizer.sparse`` names the update FBGEMM fuses into the tables' backward (``attach_sparse_optimizer``,
 before ``DistributedModelParallel`` shards the model); ``build_optimizer`` combines it with the dense
@@ -22,13 +22,15 @@ with warnings.catch_warnings():
     import torch.distributed.optim  # noqa: F401
 import torchrec.optim as trec_optim
 from torch import nn
+from torchrec.distributed.embedding_types import ShardedEmbeddingModule
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from recsys.config import Config, ConfigError, registry
+from recsys.config import Config, check_device, registry
 
 # Classes FBGEMM fuses into the embedding backward (torchrec maps each to an EmbOptimType).
 SPARSE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = registry("optimizer.sparse", {
@@ -59,20 +61,10 @@ def sparse_optimizer_kwargs(config: Config) -> dict[str, Any]:
     return kwargs
 
 
-# FBGEMM's CPU embedding kernels implement only these fused optimizers (Adam is CUDA-only).
-CPU_SPARSE_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
-
-
 def attach_sparse_optimizer(model: nn.Module, config: Config, device: torch.device) -> None:
     """Registers the fused optimizer on every EmbeddingBagCollection; DMP hands it to FBGEMM."""
-    if device.type == "cpu" and config.optimizer.sparse not in CPU_SPARSE_OPTIMIZERS:
-        raise ConfigError(
-            f"optimizer.sparse={config.optimizer.sparse} has no FBGEMM CPU kernel; "
-            f"on CPU use one of {list(CPU_SPARSE_OPTIMIZERS)}"
-        )
-    sparse_params = [
-        p for name, p in model.named_parameters() if "embedding_bag_collection" in name
-    ]
+    check_device(config, device.type)
+    sparse_params = [p for module in model.modules() if isinstance(module, EmbeddingBagCollection) for p in module.parameters()]
     apply_optimizer_in_backward(
         SPARSE_OPTIMIZERS[config.optimizer.sparse], sparse_params, sparse_optimizer_kwargs(config)
     )
@@ -94,7 +86,8 @@ def build_optimizer(
     """
     opt = config.optimizer
     rest = dict(in_backward_optimizer_filter(model.named_parameters()))
-    replicated_tables = {name: p for name, p in rest.items() if ".embedding_bags." in name}
+    tables = {id(p) for module in model.modules() if isinstance(module, ShardedEmbeddingModule) for p in module.parameters()}
+    replicated_tables = {name: p for name, p in rest.items() if id(p) in tables}
     dense_params = {name: p for name, p in rest.items() if name not in replicated_tables}
     dense = KeyedOptimizerWrapper(
         dense_params,

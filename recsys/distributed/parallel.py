@@ -1,4 +1,4 @@
-"""Wrapping DeepFM in TorchRec's DistributedModelParallel: fused optimizer, plan, shards, initial weights."""
+"""Wrapping a model in TorchRec's DistributedModelParallel: fused optimizer, plan, shards, initial weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where TorchRec's planner puts DeepFM's tables: topology, constraints, the planner, and ``recsys plan``.
+"""Where TorchRec's planner puts a model's tables: topology, constraints, the planner, and ``recsys plan``.
 
 * ``make_topology``: the cluster as the planner sees it, with the config's per-rank memory caps.
 * ``make_constraints``: ``sharding`` in the config as TorchRec ``ParameterConstraints`` per table.
@@ -47,7 +47,7 @@ from recsys.config import COMPUTE_KERNELS, SHARDING_TYPES, Config, ConfigError, 
 from recsys.distributed.env import DistEnv, on_main_rank
 from recsys.distributed.optimizers import attach_sparse_optimizer
 from recsys.distributed.sharders import make_sharders
-from recsys.models.deepfm import DeepFMTrain, build_deepfm
+from recsys.models.registry import CTRTrain, build_model
 from recsys.resolve import resolve_config
 
 # config.py lists the names a config may use (it loads without torch); they must be TorchRec's.
@@ -150,7 +150,7 @@ class Planner:
 
     Example::
 
-        model = DeepFMTrain(build_deepfm(config, device="meta"))
+        model = CTRTrain(build_model(config, device="meta"))
         attach_sparse_optimizer(model, config, torch.device("cuda"))
         planner = Planner(config, make_topology(config, 16, 8, "cuda"), model)
         plan = planner.plan()  # raises PlanError when the tables do not fit
@@ -357,6 +357,8 @@ class PlanReport:
     usable_bytes: list[int]  # per rank: cap less the planner's reservation
     used_bytes: list[int]  # per rank: table shards with optimizer state and buffers
     host_bytes: list[int]  # per rank, CUDA only: host memory of UVM (caching) tables
+    host_cap_bytes: int  # per rank: the host memory (DDR) the planner may place tables in
+    host_cap_source: str  # what set it: --host-memory-gb, sharding.host_memory_gb, or TorchRec's default
     tables: list[TablePlacement]
     batch_size: int  # per rank
     seconds: float
@@ -379,11 +381,12 @@ def dry_run(
     local_world_size: int,
     compute_device: str = "cuda",
     device_memory_gb: float | None = None,
+    host_memory_gb: float | None = None,
 ) -> PlanReport:
     """Plans ``config`` for ``world_size`` ranks (``local_world_size`` per node) of ``compute_device``.
 
-    ``device_memory_gb`` (per rank) overrides ``sharding.device_memory_gb``. Raises PlanError when the
-    tables do not fit.
+    ``device_memory_gb`` / ``host_memory_gb`` (per rank) override ``sharding.device_memory_gb`` /
+    ``sharding.host_memory_gb``. Raises PlanError when the tables do not fit.
 
     Example::
 
@@ -396,12 +399,18 @@ def dry_run(
     if world_size % local_world_size:
         raise ConfigError(f"--world-size {world_size} is not a multiple of --local-world-size {local_world_size} "
                           "(ranks per node): every node runs the same number of ranks")
+    host_source = "sharding.host_memory_gb" if config.sharding.host_memory_gb else "TorchRec's default"
     if device_memory_gb is not None:
         config = dataclasses.replace(
             config, sharding=dataclasses.replace(config.sharding, device_memory_gb=device_memory_gb)
         )
+    if host_memory_gb is not None:
+        config = dataclasses.replace(config, sharding=dataclasses.replace(config.sharding, host_memory_gb=host_memory_gb))
+        host_source = "--host-memory-gb"
+    if compute_device == "cpu":  # the tables live in host memory: its cap is the rank's (make_topology)
+        host_source = "the rank's DDR cap"
     start = time.perf_counter()
-    model = DeepFMTrain(build_deepfm(config, device="meta"))
+    model = CTRTrain(build_model(config, device="meta"))
     attach_sparse_optimizer(model, config, torch.device(compute_device))
     topology = make_topology(config, world_size, local_world_size, compute_device)
     planner = Planner(config, topology, model)
@@ -422,6 +431,8 @@ def dry_run(
         usable_bytes=[_tier_bytes(s, compute_device) for s in planner.usable_per_rank()],
         used_bytes=used,
         host_bytes=host,
+        host_cap_bytes=topology.devices[0].storage.ddr,
+        host_cap_source=host_source,
         tables=tables,
         batch_size=planner.rank_batch,
         seconds=seconds,
@@ -458,6 +469,9 @@ def format_report(report: PlanReport) -> str:
         f"plan: {report.world_size} rank(s) = {nodes} node(s) x {report.local_world_size} {report.compute_device}, "
         f"{gb(report.cap_bytes)} {report.tier} per rank, batch {report.batch_size} per rank "
         f"(planned in {report.seconds:.1f} s, nothing allocated)",
+        *([f"host memory: {gb(report.host_cap_bytes)} per rank for UVM tables ({report.host_cap_source}"
+           + ("; set --host-memory-gb to what the host has per rank" if report.host_cap_source == "TorchRec's default" else "")
+           + ")"] if report.compute_device == "cuda" else []),
         "",
         f"{'table':<14}{'rows':>14}{'width':>7}  {'sharding':<18}{'kernel':<19}{'ranks':<14}{'per shard':>12}",
     ]

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 # Rows per block of the sharding-independent init: each block has its own generator stream.
 INIT_BLOCK_ROWS = 65536
@@ -24,12 +26,13 @@ def init_tables(model: nn.Module, tables: list[EmbeddingBagConfig], seed: int, s
     generator seeded with (seed, t, b); a shard draws only the blocks it overlaps.
     """
     index = {t.name: i for i, t in enumerate(tables)}
-    for key, value in model.state_dict().items():
-        table = key.split(".")[-2] if key.endswith(".weight") else None
-        if table not in index or "embedding_bags" not in key:
+    for module in model.modules():
+        if not isinstance(module, (EmbeddingBagCollection, ShardedEmbeddingBagCollection)):
             continue
-        for offsets, shard in _local_blocks(value):
-            _fill_block(shard, offsets, seed, index[table], tables[index[table]].embedding_dim, std)
+        for key, value in module.state_dict().items():  # TorchRec's layout: embedding_bags.<table>.weight
+            table = key.split(".")[1]
+            for offsets, shard in _local_blocks(value):
+                _fill_block(shard, offsets, seed, index[table], tables[index[table]].embedding_dim, std)
 
 
 def _local_blocks(value: Any) -> list[tuple[tuple[int, int], torch.Tensor]]:

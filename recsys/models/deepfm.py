@@ -24,77 +24,19 @@ fx-traceable.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec.datasets.utils import Batch
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.config import Config, ConfigError, registry
-from recsys.losses import CTRLoss
+from recsys.config import Config
+from recsys.models.layers import MLP, SparseArch, build_tables, mlp_bfloat16
 
-# FBGEMM's fused embedding kernels need table (and shard) widths divisible by 4.
-FBGEMM_DIM_ALIGNMENT = 4
-
-
-def table_width(embedding_dim: int, alignment: int = FBGEMM_DIM_ALIGNMENT) -> int:
-    """Columns of a table holding a D-dim field vector plus the first-order weight, rounded up to a multiple
-    of ``alignment`` (FBGEMM's fused training kernels by default)."""
-    return -(-(embedding_dim + 1) // alignment) * alignment
-
-
-class _TableBackwardThreads:
-    """Runs FBGEMM's CPU table backward with fewer intra-op threads than the rest of the step.
-
-    On the 2-core benchmark box the fused exact-Adagrad backward took 13 ms a step with two threads and
-    8.5 ms with one (its parallel loop over tables scales badly), the largest single cost of the step. The
-    gradient of the pooled rows is the last one computed before that kernel runs, so a hook on it lowers
-    torch's thread count; the next forward restores it before the MLP. Off on CUDA and where
-    ``threads`` >= the current count.
-    """
-
-    def __init__(self) -> None:
-        self.restore_to = 0
-
-    def restore(self) -> None:
-        if self.restore_to:
-            torch.set_num_threads(self.restore_to)
-            self.restore_to = 0
-
-    def attach(self, pooled_rows: torch.Tensor, threads: int) -> None:
-        if threads <= 0 or pooled_rows.is_cuda or not pooled_rows.requires_grad or threads >= torch.get_num_threads():
-            return
-
-        def lower(grad: torch.Tensor) -> None:
-            self.restore_to = torch.get_num_threads()
-            torch.set_num_threads(threads)
-
-        pooled_rows.register_hook(lower)
-
-
-_TABLE_BACKWARD_THREADS = _TableBackwardThreads()
-
-
-@torch.fx.wrap
-def _in_field_order(pooled: KeyedTensor, feature_names: list[str], table_backward_threads: int) -> torch.Tensor:
-    """[B, F_sparse * W] pooled rows in field order; a copy only when the (sharded) EBC emitted another order.
-
-    A sharded EBC emits its features grouped by sharding type, which on one rank or with table-wise-only plans
-    is already field order: then the regroup would be a pure copy of the largest activation of the step.
-    Wrapped for fx: the traced graph keeps this call (the key comparison is not traceable). In training it
-    also sets the thread count of the tables' backward (``_TableBackwardThreads``); TorchScript skips that.
-    """
-    values = pooled.values() if pooled.keys() == feature_names else KeyedTensor.regroup([pooled], [feature_names])[0]
-    if not torch.jit.is_scripting():
-        _TABLE_BACKWARD_THREADS.restore()
-        _TABLE_BACKWARD_THREADS.attach(values, table_backward_threads)
-    return values
-
+# DeepFM's tables hold one column beyond the field vector: the first-order weight w.
+FIRST_ORDER_COLUMNS = 1
 
 class _FieldSums(torch.autograd.Function):
     """Sums over fields of the pooled rows and of their squares, with a one-pass backward.
@@ -125,47 +67,6 @@ def field_sums(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.jit.is_scripting() or not rows.requires_grad:
         return rows.sum(dim=1), (rows * rows).sum(dim=1)
     return _FieldSums.apply(rows)
-
-
-class SparseArch(nn.Module):
-    """Pools every sparse feature through an EmbeddingBagCollection.
-
-    Args:
-        embedding_bag_collection: tables of width ``table_width(embedding_dim)``.
-        feature_names: sparse features in field order.
-
-    Call args:
-        features: KJT with keys ``feature_names``, batch size B.
-
-    Returns:
-        Tensor [B, F_sparse, W], W = table width: per field ``[v (D) | w (1) | padding]``.
-
-    Example::
-
-        tables = table_configs(["C1", "C2"], [10, 20], embedding_dim=8)  # width 12
-        sparse_arch = SparseArch(EmbeddingBagCollection(tables=tables), ["C1", "C2"])
-
-        #     0       1        2  <-- batch
-        # C1  [1]    [2]      [3]
-        # C2  [4, 5] None     [6]
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=["C1", "C2"], values=torch.tensor([1, 2, 3, 4, 5, 6]), lengths=torch.tensor([1, 1, 1, 2, 0, 1])
-        )
-        rows = sparse_arch(features)  # [3, 2, 12]
-    """
-
-    def __init__(
-        self, embedding_bag_collection: EmbeddingBagCollection, feature_names: list[str], table_backward_threads: int = 0
-    ) -> None:
-        super().__init__()
-        self.embedding_bag_collection = embedding_bag_collection
-        self.feature_names = list(feature_names)
-        self.table_backward_threads = table_backward_threads
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.embedding_bag_collection(features)
-        values = _in_field_order(pooled, self.feature_names, self.table_backward_threads)
-        return values.view(values.size(0), len(self.feature_names), -1)
 
 
 class DenseArch(nn.Module):
@@ -224,42 +125,6 @@ class FactorizationMachine(nn.Module):
         return 0.5 * ((field_sum * field_sum).sum(dim=1) - squared_norms)
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = registry(
-    "model.activation", {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
-)
-
-_RANDOM_WORD = (-(2**63), 2**63 - 1)
-
-
-@torch.fx.wrap
-def _byte_dropout(x: torch.Tensor, drop_below: int, scale: float) -> torch.Tensor:
-    if x.is_cuda:  # torch's fused CUDA kernel is fast
-        return F.dropout(x, drop_below / 256, True)
-    # One uniform byte per element, eight from each random 64-bit word.
-    words = torch.randint(_RANDOM_WORD[0], _RANDOM_WORD[1], (-(-x.numel() // 8),), dtype=torch.int64)
-    keep = words.view(torch.uint8)[: x.numel()].view(x.shape) >= drop_below
-    return x * (keep.to(x.dtype) * scale)
-
-
-class Dropout(nn.Module):
-    """Inverted dropout whose keep-mask comes from one random byte per element (p rounded to 1/256).
-
-    torch's CPU dropout draws one Bernoulli sample per element, about 8 ns each: two dropout layers of a
-    [4096, 256] MLP cost as much as the rest of its training step on a 2-core box. Eight bytes per random
-    64-bit word cut that 4-5x. Identity in eval mode, as ``nn.Dropout``.
-    """
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.drop_below = round(p * 256)
-        self.scale = 256 / (256 - self.drop_below)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_below == 0:
-            return x
-        return _byte_dropout(x, self.drop_below, self.scale)
-
-
 class DeepArch(nn.Module):
     """MLP over the F = F_dense + F_sparse field vectors, ending in one logit.
 
@@ -268,13 +133,12 @@ class DeepArch(nn.Module):
     the first-order and padding columns (a [H, F_sparse, W] copy of weights instead of a [B, F, D] copy of
     activations, and a GEMM over W/D-wider but cheaper rows); the dense part folds the dense field vectors
     into its weights, ``sum_{j,d} A[h,j,d] x_j u_jd = x @ (A . u)^T``, a [B, F_dense] x [F_dense, H] product.
-    Same function and initialisation as the unsplit layer. torchrec.modules.mlp.MLP has no dropout or
-    batch-norm, which DeepFM configs (BARS) use, hence the rest of the MLP too.
+    Same function and initialisation as the unsplit layer; the rest is an ``MLP`` taking its output.
 
     Args:
         num_sparse, num_dense: F_sparse, F_dense; embedding_dim: D.
         layers: hidden widths, e.g. [256, 128]; a last [H, 1] layer gives the logit.
-        activation: a name of ``ACTIVATIONS``; dropout: drop probability (0: none); batch_norm: before each
+        activation: a name of ``recsys.models.layers.ACTIVATIONS``; dropout: drop probability (0: none); batch_norm: before each
             activation; bfloat16: the matrix products in bfloat16 (``model.mlp_precision``).
 
     Call args:
@@ -296,23 +160,12 @@ class DeepArch(nn.Module):
         dropout: float, batch_norm: bool, bfloat16: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.bfloat16 = bfloat16
         first = nn.Linear((num_sparse + num_dense) * embedding_dim, layers[0])  # for its init only
         weight = first.weight.detach().view(layers[0], num_dense + num_sparse, embedding_dim)
         self.dense_weight = nn.Parameter(weight[:, :num_dense].clone())
         self.sparse_weight = nn.Parameter(weight[:, num_dense:].clone())
         self.bias = nn.Parameter(first.bias.detach().clone())
-        blocks: list[nn.Module] = []
-        width = layers[0]
-        for size in [*layers[1:], 1]:
-            if batch_norm:
-                blocks.append(nn.BatchNorm1d(width))
-            blocks.append(ACTIVATIONS[activation]())
-            if dropout > 0:
-                blocks.append(Dropout(dropout))
-            blocks.append(nn.Linear(width, size))
-            width = size
-        self.mlp = nn.Sequential(*blocks)
+        self.mlp = MLP([*layers, 1], activation, dropout, batch_norm, bfloat16, activate_input=True)
 
     def first_layer_weights(self, width: int, dense_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's weights as it applies them: ([H, F_sparse * W] over pooled rows of width W, zero
@@ -322,28 +175,20 @@ class DeepArch(nn.Module):
 
     def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
         sparse_weight, dense_weight = self.first_layer_weights(sparse_rows.size(2), dense_vectors)
-        rows = sparse_rows.flatten(start_dim=1)
-        if not self.bfloat16:
-            hidden = F.linear(rows, sparse_weight, self.bias).addmm_(dense, dense_weight.t())
-            return self.mlp(hidden).squeeze(-1)
-        # model.mlp_precision=bfloat16: activations and matrix products in bfloat16, weights (and so the
-        # optimizer) float32, the logit back in float32. Explicit casts rather than torch.autocast keep the
-        # module fx-traceable, so an exported model computes exactly this too.
-        hidden = F.linear(rows.to(torch.bfloat16), sparse_weight.to(torch.bfloat16), self.bias.to(torch.bfloat16))
-        hidden = hidden.addmm_(dense.to(torch.bfloat16), dense_weight.t().to(torch.bfloat16))
-        for block in self.mlp:
-            if isinstance(block, nn.Linear):
-                hidden = F.linear(hidden, block.weight.to(torch.bfloat16), block.bias.to(torch.bfloat16))
-            else:
-                hidden = block(hidden)
-        return hidden.float().squeeze(-1)
+        rows, bias = sparse_rows.flatten(start_dim=1), self.bias
+        if self.mlp.bfloat16:  # the first layer's products in bfloat16 too (see MLP)
+            rows, dense, bias = rows.to(torch.bfloat16), dense.to(torch.bfloat16), bias.to(torch.bfloat16)
+            sparse_weight, dense_weight = sparse_weight.to(torch.bfloat16), dense_weight.to(torch.bfloat16)
+        hidden = F.linear(rows, sparse_weight, bias).addmm_(dense, dense_weight.t())
+        return self.mlp(hidden).squeeze(-1)
 
 
 class DeepFM(nn.Module):
     """DeepFM over dense features and a KJT of sparse features: ``bias + first_order + FM + deep``.
 
     Args:
-        embedding_bag_collection: the tables, of width ``table_width(embedding_dim)`` (``table_configs``).
+        embedding_bag_collection: the tables, of width ``table_width(embedding_dim, 1)`` (``table_configs``
+            with ``extra_columns=1``: the first-order weight).
         sparse_feature_names: the KJT's keys in field order (F_sparse of them).
         num_dense: F_dense; embedding_dim: D.
         deep_layers, activation, dropout, batch_norm, mlp_bfloat16: the MLP (``DeepArch``).
@@ -359,7 +204,7 @@ class DeepFM(nn.Module):
 
     Example::
 
-        tables = table_configs(["C1", "C2"], [10, 20], embedding_dim=8)
+        tables = table_configs(["C1", "C2"], [10, 20], embedding_dim=8, extra_columns=1)
         model = DeepFM(EmbeddingBagCollection(tables=tables), ["C1", "C2"], num_dense=3, embedding_dim=8,
                        deep_layers=[16])
         features = KeyedJaggedTensor.from_lengths_sync(
@@ -406,119 +251,20 @@ class DeepFM(nn.Module):
         return first_order + fm + self.deep_arch(rows, dense, self.dense_arch.field_vectors)
 
 
-class DeepFMTrain(nn.Module):
-    """Wraps DeepFM with its loss in the shape TorchRec's train pipelines expect.
-
-    Args:
-        model: the DeepFM.
-        loss_fn: ``(logits [B], labels [B] float) -> scalar``; plain BCE by default.
-
-    Call args:
-        batch: torchrec Batch(dense_features [B, F_dense], sparse_features KJT, labels [B])
-
-    Returns:
-        (loss, (loss, logits [B], labels [B])), all but the first detached.
-
-    Example::
-
-        train_model = DeepFMTrain(build_deepfm(config), CTRLoss())
-        loss, (_, logits, labels) = train_model(batch)  # scalar, [B], [B]
-        loss.backward()
-    """
-
-    def __init__(self, model: DeepFM, loss_fn: nn.Module | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn if loss_fn is not None else CTRLoss()
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        logits = self.model(batch.dense_features, batch.sparse_features)
-        loss = self.loss_fn(logits, batch.labels.float())
-        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
-
-
-def table_configs(
-    sparse_features: list[str],
-    num_embeddings_per_feature: list[int],
-    embedding_dim: int,
-    pooling: str = "sum",
-    shared_tables: dict[str, list[str]] | None = None,
-    init_std: float = 1e-2,
-) -> list[EmbeddingBagConfig]:
-    """One table per feature (named ``t_<feature>``), except features grouped in ``shared_tables``.
-
-    A shared table is as large as the largest vocabulary among its features.
-    """
-    sizes = dict(zip(sparse_features, num_embeddings_per_feature))
-    owner = {f: name for name, features in (shared_tables or {}).items() for f in features}
-    groups: dict[str, list[str]] = {}
-    for feature in sparse_features:
-        groups.setdefault(owner.get(feature, f"t_{feature}"), []).append(feature)
-    return [
-        EmbeddingBagConfig(
-            name=name,
-            embedding_dim=table_width(embedding_dim),
-            num_embeddings=max(sizes[f] for f in features),
-            feature_names=features,
-            pooling=PoolingType.SUM if pooling == "sum" else PoolingType.MEAN,
-            # Small normal init: uniform(+-1/sqrt(n)) is TorchRec's default, N(0,1) nn.Embedding's; the
-            # latter makes the FM term explode on Criteo-sized inputs.
-            init_fn=functools.partial(nn.init.normal_, mean=0.0, std=init_std),
-        )
-        for name, features in groups.items()
-    ]
-
-
 def build_deepfm(config: Config, device: torch.device | str = "cpu") -> DeepFM:
-    """Builds DeepFM from a resolved config (``recsys.resolve.resolve_config``): features from ``data``,
-    one table size per sparse feature from ``model.num_embeddings``. ``device="meta"`` defers table
-    allocation to DistributedModelParallel.
-
-    Example::
-
-        config = resolve_config(load_config("configs/synthetic.yaml"))
-        model = build_deepfm(config)
-        logits = model(batch.dense_features, batch.sparse_features)  # [B]
-    """
-    m, data = config.model, config.data
-    if not isinstance(m.num_embeddings, list) or len(m.num_embeddings) != len(data.sparse_features):
-        raise ConfigError("build_deepfm needs a resolved config (recsys.resolve.resolve_config): one "
-                          f"model.num_embeddings per sparse feature, got {m.num_embeddings!r}")
-    tables = table_configs(
-        data.sparse_features,
-        m.num_embeddings,
-        m.embedding_dim,
-        m.pooling,
-        m.shared_tables,
-        m.embedding_init_std,
-    )
+    """DeepFM from a resolved config (``recsys.resolve.resolve_config``); ``device="meta"`` defers table
+    allocation to DistributedModelParallel. Commands build it through ``recsys.models.registry``."""
+    m = config.model
     return DeepFM(
-        EmbeddingBagCollection(tables=tables, device=torch.device(device)),
-        sparse_feature_names=data.sparse_features,
-        num_dense=len(data.dense_features),
+        build_tables(config, FIRST_ORDER_COLUMNS, device),
+        sparse_feature_names=config.data.sparse_features,
+        num_dense=len(config.data.dense_features),
         embedding_dim=m.embedding_dim,
         deep_layers=m.deep_layers,
         activation=m.activation,
         dropout=m.dropout,
         batch_norm=m.batch_norm,
         init_std=m.embedding_init_std,
-        mlp_bfloat16=m.mlp_precision == "bfloat16" or (m.mlp_precision == "auto" and fast_bfloat16()),
+        mlp_bfloat16=mlp_bfloat16(config),
         table_backward_threads=config.training.table_backward_threads,
     )
-
-
-@functools.cache
-def fast_bfloat16() -> bool:
-    """True where bfloat16 matrix products run in hardware: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX.
-
-    oneDNN runs bfloat16 on any AVX-512 CPU, but without these instructions it converts in software and is
-    slower than float32, so the CPU's flags decide.
-    """
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line.split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -5,7 +5,7 @@ What carries what (torch 2.13, torchrec 1.8, measured on the demo's model):
 
 * torch.export (non-strict) carries the fp32 model both ways: TorchRec's ``KeyedJaggedTensor`` is a pytree
   node, so ``LogitModel(dense, KJT)`` exports (TorchRec warns that flattening a KJT through ``to_dict`` is
-  slow), and so does the stacked-table module ONNX uses (:class:`~recsys.serving.modules.OnnxDeepFM`, plain
+  slow), and so does the stacked-table module ONNX uses (:class:`~recsys.serving.modules.OnnxModel`, plain
   tensors in: no KJT, no FBGEMM op, no state). The file holds the latter: the same inputs as
   ``score_tensors`` for every caller. Run eagerly (``ExportedProgram.module()``) it is slower than
   TorchScript (its graph runs op by op in Python); compiled by AOTInductor into a shared library it is

@@ -1,14 +1,15 @@
-"""Serving-side modules built from a trained DeepFM's weights (the training classes are used, not changed).
+"""Serving-side modules built from a trained model's weights (the training classes are used, not changed).
 
-* :class:`LogitModel` -- DeepFM's logits for ``(dense, KeyedJaggedTensor)``; what ``torchrec.fx`` traces.
+* :class:`LogitModel` -- the model's logits for ``(dense, KeyedJaggedTensor)``; what ``torchrec.fx`` traces.
 * :class:`ServedModel` -- the TorchScript file's two entry points around the traced model:
   ``forward(dense, KJT)`` and ``score_tensors(dense, values, lengths)`` for callers that cannot build a KJT
   (C++ libtorch). Both clean their inputs the way training's preprocessing would have (see
   :func:`clean_dense`, :func:`fix_ids`), return ``[B]`` click probabilities and apply the calibration for
   negative downsampling.
-* :func:`compact_for_quantization` -- the copy of DeepFM that ``recsys export --quantize`` hands to TorchRec's
-  quantization: tables cut to the columns the model reads and an int8 MLP (:class:`Int8DeepArch`).
-* :class:`OnnxDeepFM` / :class:`OnnxDenseDeepFM` -- the same computation in operators ONNX has: the tables
+* :func:`compact_for_quantization` -- the copy of a model that ``recsys export --quantize`` hands to TorchRec's
+  quantization: tables cut to the columns the model reads and its dense parts from the model's int8 hook
+  (``recsys.models.registry.ModelSpec.int8_parts``; :class:`Int8Linear`).
+* :class:`OnnxModel` / :class:`OnnxDenseModel` -- the same computation in operators ONNX has: the tables
   as one stacked ``[rows, W]`` tensor pooled by gather + ``index_add`` (ONNX ``ScatterND``), or, when the
   tables are too large for one ONNX file, only the dense part over already-pooled field vectors.
 
@@ -18,7 +19,7 @@ annotations of ``forward``.
 
 import copy
 import dataclasses
-from typing import List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.sampling import logit_correction
-from recsys.models.deepfm import DeepArch, DeepFM, Dropout, SparseArch, table_width
+from recsys.models.layers import SparseArch
+from recsys.models.tables import table_width
 
 
 def clean_dense(dense: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def fix_ids(ids: torch.Tensor, rows: torch.Tensor, oov_rows: torch.Tensor) -> Tu
 
 
 class LogitModel(nn.Module):
-    """DeepFM logits; the root module ``torchrec.fx.symbolic_trace`` traces (KJT stays a leaf).
+    """A model's logits; the root module ``torchrec.fx.symbolic_trace`` traces (KJT stays a leaf).
 
     Call args: dense [B, F_dense] float32; sparse KJT with the training keys. Returns logits [B].
     """
@@ -167,72 +169,59 @@ class Int8Linear(nn.Module):
         # Frozen parameters, not buffers: torch.fx folds arithmetic on buffers into float32 constants.
         self.weight = nn.Parameter(torch.round(weight / scale).to(torch.int8), requires_grad=False)
         self.scale = nn.Parameter(scale, requires_grad=False)
-        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(linear.out_features)
+        self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.float() * self.scale, self.bias)
 
 
-class Int8DeepArch(nn.Module):
-    """DeepArch for quantized exports, its Linear layers as :class:`Int8Linear`.
-
-    The training first layer is split by field group (``DeepArch``); here it is one layer over
-    ``[pooled rows | dense]`` with the dense field vectors folded into its weights (constants once trained).
-    Dropout (identity at inference) is left out.
-
-    Args:
-        deep_arch: the trained DeepArch (float32 products). dense_vectors: [F_dense, D] the dense fields'
-        vectors. width: W, the columns of the pooled rows it will read (D field columns, then unused ones).
-
-    Call args (as DeepArch): sparse_rows [B, F_sparse, W], dense [B, F_dense], dense_vectors (ignored: folded).
-
-    Returns:
-        [B] logits.
-    """
-
-    def __init__(self, deep_arch: DeepArch, dense_vectors: torch.Tensor, width: int) -> None:
-        super().__init__()
-        with torch.no_grad():
-            weight = torch.cat(deep_arch.first_layer_weights(width, dense_vectors), dim=1)  # [H, F_sparse * W + F_dense]
-            first = nn.Linear(weight.size(1), weight.size(0))
-            first.weight.copy_(weight)
-            first.bias.copy_(deep_arch.bias)
-        layers = [first, *(copy.deepcopy(block) for block in deep_arch.mlp if not isinstance(block, Dropout))]
-        self.mlp = nn.Sequential(*(Int8Linear(layer) if isinstance(layer, nn.Linear) else layer for layer in layers))
-
-    def forward(self, sparse_rows: torch.Tensor, dense: torch.Tensor, dense_vectors: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([sparse_rows.flatten(start_dim=1), dense], dim=1)).squeeze(-1)
-
-
-def _with_parts(model: DeepFM, **parts: nn.Module) -> DeepFM:
+def _with_parts(model: nn.Module, **parts: nn.Module) -> nn.Module:
     """A copy of ``model`` whose named submodules (``sparse_arch``, ``deep_arch``) are the given stand-ins,
     which take the same call arguments; the replaced modules (the tables with ``sparse_arch``) are not copied."""
     return copy.deepcopy(model, memo={id(getattr(model, name)): part for name, part in parts.items()})
 
 
-def compact_for_quantization(model: DeepFM, column_multiple: int) -> DeepFM:
-    """A copy of ``model`` for TorchRec's table quantization: the same function (up to the MLP's int8
-    rounding) in fewer bytes.
+def int8_linears(model: nn.Module, width: int) -> Dict[str, nn.Module]:
+    """The generic int8 hook (``ModelSpec.int8_parts``) of a model whose dense parts read the pooled rows'
+    first D columns whatever their width: each child but ``sparse_arch`` that holds ``nn.Linear`` layers, as
+    a copy with them in :class:`Int8Linear` (other weights, e.g. cross-net kernels, stay float32)."""
 
-    * Tables keep the columns the model reads, ``[v (D) | w (1)]``, plus padding up to a multiple of
-      ``column_multiple`` (FBGEMM's quantized rows need an even number of bytes before their fp16 scale and
-      bias: 2 columns for int8, 4 for int4) instead of training's multiple of 4 (``table_width``): int8 rows
-      of D = 16 take 18 + 4 bytes, not 20 + 4.
-    * The MLP is :class:`Int8DeepArch`.
+    def swap(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            return Int8Linear(module)
+        for name, child in module.named_children():
+            setattr(module, name, swap(child))
+        return module
+
+    return {
+        name: swap(copy.deepcopy(child))
+        for name, child in model.named_children()
+        if name != "sparse_arch" and any(isinstance(m, nn.Linear) for m in child.modules())
+    }
+
+
+def compact_for_quantization(
+    model: nn.Module, extra_columns: int, int8_parts: Callable[[nn.Module, int], Dict[str, nn.Module]], column_multiple: int
+) -> nn.Module:
+    """A copy of ``model`` for TorchRec's table quantization: the same function (up to the int8 rounding of
+    its dense parts) in fewer bytes.
+
+    * Tables keep the columns the model reads, ``[v (D) | extra_columns]`` (DeepFM: ``w``), plus padding up
+      to a multiple of ``column_multiple`` (FBGEMM's quantized rows need an even number of bytes before
+      their fp16 scale and bias: 2 columns for int8, 4 for int4) instead of training's multiple of 4
+      (``table_width``): DeepFM's int8 rows of D = 16 take 18 + 4 bytes, not 20 + 4.
+    * The dense parts are the model's int8 stand-ins (``int8_parts(model, W)``).
     """
     ebc = model.sparse_arch.embedding_bag_collection
-    width = table_width(model.embedding_dim, column_multiple)
+    width = table_width(model.embedding_dim, extra_columns, column_multiple)
     configs = [dataclasses.replace(c, embedding_dim=width) for c in ebc.embedding_bag_configs()]
     compact = EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
     compact.load_state_dict(
         {f"embedding_bags.{c.name}.weight": ebc.embedding_bags[c.name].weight[:, : c.embedding_dim].contiguous() for c in configs},
         assign=True,
     )  # fmt: skip
-    return _with_parts(
-        model,
-        sparse_arch=SparseArch(compact, model.sparse_arch.feature_names),
-        deep_arch=Int8DeepArch(model.deep_arch, model.dense_arch.field_vectors.detach(), width),
-    )
+    return _with_parts(model, sparse_arch=SparseArch(compact, model.sparse_arch.feature_names), **int8_parts(model, width))
 
 
 class _StackedTables(nn.Module):
@@ -264,12 +253,12 @@ class _PooledInput(nn.Module):
         return pooled
 
 
-class OnnxDeepFM(nn.Module):
-    """Whole DeepFM for ONNX export: inputs as :meth:`ServedModel.score_tensors` (dense [B, F_dense],
+class OnnxModel(nn.Module):
+    """A whole model for ONNX export: inputs as :meth:`ServedModel.score_tensors` (dense [B, F_dense],
     values [L] int64, lengths [F_sparse, B] int64) -> [B] probabilities, with the same input cleaning and
     calibration (but no ``invalid_ids`` counter: an ONNX graph has no state)."""
 
-    def __init__(self, model: DeepFM, table_rows: List[int], oov_rows: List[int], negative_sampling_rate: float) -> None:
+    def __init__(self, model: nn.Module, table_rows: List[int], oov_rows: List[int], negative_sampling_rate: float) -> None:
         super().__init__()
         ebc = model.sparse_arch.embedding_bag_collection
         configs = ebc.embedding_bag_configs()
@@ -278,7 +267,7 @@ class OnnxDeepFM(nn.Module):
         table_of = {f: c.name for c in configs for f in c.feature_names}
         features = model.sparse_arch.feature_names
         mean = configs[0].pooling.name == "MEAN"
-        self.deepfm = _with_parts(model, sparse_arch=_StackedTables(torch.cat(weights), mean))
+        self.model = _with_parts(model, sparse_arch=_StackedTables(torch.cat(weights), mean))
         self.register_buffer("row_offsets", torch.tensor([starts[table_of[f]] for f in features], dtype=torch.long))
         self.register_buffer("table_rows", torch.tensor(table_rows, dtype=torch.long))
         self.register_buffer("oov_rows", torch.tensor(oov_rows, dtype=torch.long))
@@ -288,19 +277,19 @@ class OnnxDeepFM(nn.Module):
         bag = bag_index(lengths, values.size(0))
         feature = torch.div(bag, lengths.size(1), rounding_mode="floor")
         ids, _ = fix_ids(values, self.table_rows[feature], self.oov_rows[feature])
-        logits = self.deepfm(clean_dense(dense), (ids + self.row_offsets[feature], bag, lengths))
+        logits = self.model(clean_dense(dense), (ids + self.row_offsets[feature], bag, lengths))
         return torch.sigmoid(logits + self.log_sampling_rate)
 
 
-class OnnxDenseDeepFM(nn.Module):
-    """DeepFM without its tables, for ONNX when they are too large for one file: dense [B, F_dense] and
-    pooled [B, F_sparse, W] (each feature's pooled table row: D field columns, the first-order weight,
+class OnnxDenseModel(nn.Module):
+    """A model without its tables, for ONNX when they are too large for one file: dense [B, F_dense] and
+    pooled [B, F_sparse, W] (each feature's pooled table row: D field columns, the model's extra columns,
     padding; what TorchRec's EmbeddingBagCollection returns) -> [B] probabilities."""
 
-    def __init__(self, model: DeepFM, negative_sampling_rate: float) -> None:
+    def __init__(self, model: nn.Module, negative_sampling_rate: float) -> None:
         super().__init__()
-        self.deepfm = _with_parts(model, sparse_arch=_PooledInput())
+        self.model = _with_parts(model, sparse_arch=_PooledInput())
         self.log_sampling_rate = logit_correction(negative_sampling_rate)
 
     def forward(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.deepfm(clean_dense(dense), pooled) + self.log_sampling_rate)
+        return torch.sigmoid(self.model(clean_dense(dense), pooled) + self.log_sampling_rate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -124,3 +125,18 @@ def test_cpu_plan_splits_rows_only_when_a_table_needs_it(tiny_criteo_big_c1: Pat
     open_config["sharding"] = {"device_memory_gb": 0.04}
     tight = dry_run(config_from_dict(open_config), world_size=2, local_world_size=2, compute_device="cpu")
     assert table(tight, "t_C1").sharding_type in ("row_wise", "table_row_wise")
+
+
+def test_the_host_memory_assumed_is_printed_and_settable_and_json_failures_are_json(capsys: pytest.CaptureFixture) -> None:
+    # 2 x 24 GB GPUs "fit" the terabyte tables only through TorchRec's default of 128 GiB host memory per rank.
+    terabyte = str(REPO / "configs" / "criteo_terabyte.yaml")
+    assert main(["plan", terabyte, "--world-size", "2", "--device-memory-gb", "24"]) == 0
+    assert "host memory: 128.0 GiB per rank for UVM tables (TorchRec's default; set --host-memory-gb" in capsys.readouterr().out
+    assert main(["plan", terabyte, "--world-size", "2", "--device-memory-gb", "24", "--host-memory-gb", "16", "--json"]) == 1
+    failed = json.loads(capsys.readouterr().out)
+    assert failed["fits"] is False and "16.0 GiB usable DDR" in failed["error"]
+    assert main(["plan", terabyte, "--world-size", "2", "--json", "model.embeding_dim=8"]) == 2
+    assert "unknown key(s) ['embeding_dim']" in json.loads(capsys.readouterr().out)["error"]
+    assert main(["plan", terabyte, "--world-size", "2", "--device-memory-gb", "24", "--host-memory-gb", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fits"] and report["host_cap_bytes"] == 64 * 2**30 and report["host_cap_source"] == "--host-memory-gb"

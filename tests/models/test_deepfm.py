@@ -9,7 +9,10 @@ from torchrec.fx import symbolic_trace
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import config_from_dict
-from recsys.models.deepfm import DeepFM, Dropout, DeepFMTrain, FactorizationMachine, build_deepfm, table_configs, table_width
+from recsys.models.deepfm import DeepFM, FactorizationMachine, build_deepfm
+from recsys.models.layers import Dropout
+from recsys.models.registry import CTRTrain
+from recsys.models.tables import table_configs, table_width
 from recsys.serving.modules import LogitModel
 
 FEATURES = ["C1", "C2", "C3"]
@@ -41,8 +44,8 @@ def table(model: DeepFM, feature: str) -> torch.Tensor:
 
 
 def test_table_width_is_fbgemm_aligned_and_holds_first_order_column() -> None:
-    assert [table_width(d) for d in (3, 4, 10, 16, 128)] == [4, 8, 12, 20, 132]
-    assert all(c.embedding_dim % 4 == 0 for c in table_configs(FEATURES, [5, 5, 5], 10))
+    assert [table_width(d, 1) for d in (3, 4, 10, 16, 128)] == [4, 8, 12, 20, 132]
+    assert all(c.embedding_dim % 4 == 0 for c in table_configs(FEATURES, [5, 5, 5], 10, extra_columns=1))
 
 
 def test_fm_equals_brute_force_pair_sum() -> None:
@@ -58,7 +61,7 @@ def test_first_order_term_equals_manual_lookup() -> None:
     kjt = multi_hot_kjt()
     dense = torch.rand(3, len(DENSE))
     pooled = model.sparse_arch(kjt)
-    assert pooled.shape == (3, len(FEATURES), table_width(D))
+    assert pooled.shape == (3, len(FEATURES), table_width(D, 1))
     # Manual: sum over each bag of column D of that feature's table.
     per_feature = kjt.to_dict()
     expected = torch.zeros(3)
@@ -103,7 +106,7 @@ def test_multi_hot_pooling(pooling: str) -> None:
     bag = c2[[6, 7, 8]]
     expected = bag.sum(0) if pooling == "sum" else bag.mean(0)
     torch.testing.assert_close(pooled[2, 1], expected)
-    torch.testing.assert_close(pooled[1, 1], torch.zeros(table_width(D)))  # empty bag
+    torch.testing.assert_close(pooled[1, 1], torch.zeros(table_width(D, 1)))  # empty bag
 
 
 def test_shared_table_serves_both_features() -> None:
@@ -124,7 +127,7 @@ def test_small_normal_init() -> None:
 def test_train_wrapper_loss_and_fx_trace() -> None:
     model = small_model()
     batch = Batch(dense_features=torch.rand(3, 2), sparse_features=multi_hot_kjt(), labels=torch.tensor([0, 1, 1]))
-    loss, (_, logits, labels) = DeepFMTrain(model)(batch)
+    loss, (_, logits, labels) = CTRTrain(model)(batch)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
     torch.testing.assert_close(loss.detach(), expected)
     traced = symbolic_trace(model)
@@ -134,7 +137,7 @@ def test_train_wrapper_loss_and_fx_trace() -> None:
 def test_gradients_reach_every_part() -> None:
     model = small_model()
     batch = Batch(dense_features=torch.rand(3, 2), sparse_features=multi_hot_kjt(), labels=torch.tensor([0, 1, 1]))
-    DeepFMTrain(model)(batch)[0].backward()
+    CTRTrain(model)(batch)[0].backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 

@@ -9,7 +9,9 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.export import script_model
-from recsys.models.deepfm import DeepFM, table_configs
+from recsys.models.deepfm import DeepFM
+from recsys.models.registry import MODELS
+from recsys.models.tables import table_configs
 from recsys.serving.modules import Int8Linear, compact_for_quantization
 
 FEATURES = [f"C{i}" for i in range(1, 27)]
@@ -17,7 +19,7 @@ FEATURES = [f"C{i}" for i in range(1, 27)]
 
 def _deepfm(embedding_dim: int, rows: int, batch_norm: bool = False) -> DeepFM:
     torch.manual_seed(0)
-    tables = table_configs(FEATURES, [rows] * len(FEATURES), embedding_dim, init_std=0.1)
+    tables = table_configs(FEATURES, [rows] * len(FEATURES), embedding_dim, extra_columns=1, init_std=0.1)
     model = DeepFM(EmbeddingBagCollection(tables=tables), FEATURES, num_dense=13, embedding_dim=embedding_dim,
                    deep_layers=[256, 128], dropout=0.2, batch_norm=batch_norm)  # fmt: skip
     with torch.no_grad():  # trained-looking first-order weights and padding that holds values
@@ -49,7 +51,7 @@ def test_int8_linear_keeps_a_per_row_scale() -> None:
 def test_compact_copy_computes_the_same_logits(embedding_dim: int, column_multiple: int, width: int) -> None:
     model = _deepfm(embedding_dim, rows=100, batch_norm=True)
     trained_width = model.sparse_arch.embedding_bag_collection.embedding_bag_configs()[0].embedding_dim
-    compact = compact_for_quantization(model, column_multiple)
+    compact = compact_for_quantization(model, 1, MODELS["deepfm"].int8_parts, column_multiple)
     configs = compact.sparse_arch.embedding_bag_collection.embedding_bag_configs()
     assert {c.embedding_dim for c in configs} == {width}
     assert all(isinstance(m, Int8Linear) for m in compact.deep_arch.mlp if not isinstance(m, (nn.ReLU, nn.BatchNorm1d)))
@@ -73,7 +75,7 @@ def test_int8_export_of_the_recipe_dimension_is_over_3_5x_smaller() -> None:
     dense, sparse = _inputs(rows, batch=256)
     for quantize in (None, "int8"):
         buffer = io.BytesIO()
-        scripted = script_model(model, serving, quantize)
+        scripted = script_model(model, serving, quantize, MODELS["deepfm"])
         torch.jit.save(scripted, buffer)
         sizes[quantize] = buffer.tell()
         scores[quantize] = scripted(dense, sparse)

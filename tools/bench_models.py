@@ -1,0 +1,177 @@
+"""Every recsys model and its peers on the same generated rows: ``python tools/bench.py --models``.
+
+    flock /tmp/bench.lock python tools/bench.py --models [--rows 500000] [--threads 2] [--regimes tiny,small,kaggle]
+
+For each table regime (``tiny``: the 26 Criteo-Kaggle cardinalities capped at 4,600 rows, about 64k rows in all;
+``small``: capped at 40k; ``kaggle``: the cardinalities themselves, 33.8M rows), each contender trains one
+epoch over the train split in a fresh process with ``--threads`` intra-op threads and is evaluated on the test
+split:
+
+* ``recsys_<model>``: every model of ``recsys.models.registry.MODELS`` through ``recsys train`` /
+  ``recsys eval`` (``configs/synthetic.yaml``'s recipe: dims, MLP, dropout, optimizers, ``mlp_precision
+  auto``), with the model keys of ``MODEL_KEYS``;
+* ``plain``: tools/bench.py's plain-PyTorch DeepFM (Kaggle-sized tables: ``--slow-steps`` steps only);
+* ``torchrec_dlrm_dcn``: TorchRec's own ``DLRM_DCN`` trained as TorchRec's DLRM example trains it:
+  DistributedModelParallel with TorchRec's default planner and sharders, fused Adagrad applied in backward
+  for the tables, ``TrainPipelineSparseDist``, dense Adagrad; same rows (recsys's loader), dims, batch,
+  threads as ``recsys_dlrm_dcnv2``.
+
+Prints one JSON line per contender and regime (train/eval samples/s, peak RSS of the process tree, test
+AUC) and a summary line per regime with the ratios the issue's targets name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import KAGGLE_CARDINALITIES, REGIMES, measure_process, model_shape, preprocess, run_in_worker, run_recsys
+
+from recsys.models.registry import MODELS
+
+TINY_TABLE_ROWS = 4_600
+MODEL_REGIMES = {"tiny": [min(n, TINY_TABLE_ROWS) for n in KAGGLE_CARDINALITIES], **REGIMES}
+# The cross networks over all 39 (DCNv2) or 27 (DLRM-DCNv2) fields of 16 columns are low-rank (64), and the
+# bottom MLPs [64] -> 16: the same dims for recsys's DLRM-DCNv2 and TorchRec's DLRM_DCN.
+BOTTOM_LAYERS = [64]
+CROSS_LAYERS, LOW_RANK = 3, 64
+MODEL_KEYS = {
+    "deepfm": [],
+    "dlrm": [f"model.dlrm.bottom_layers={BOTTOM_LAYERS}"],
+    "dcnv2": [f"model.dcnv2.cross_layers={CROSS_LAYERS}", f"model.dcnv2.low_rank={LOW_RANK}"],
+    "dlrm_dcnv2": [f"model.dlrm_dcnv2.bottom_layers={BOTTOM_LAYERS}", f"model.dlrm_dcnv2.cross_layers={CROSS_LAYERS}",
+                   f"model.dlrm_dcnv2.low_rank={LOW_RANK}"],
+}  # fmt: skip
+# Dense Adagrad's rate for TorchRec's loop (the example takes --learning_rate per run): Adagrad's steps shrink
+# as squared gradients accumulate, so it needs a larger rate than recsys's dense Adam (1e-3).
+TORCHREC_DENSE_LR = 0.01
+# One epoch each (the plain and TorchRec loops train one), no early stopping.
+COMMON_KEYS = ["training.epochs=1", "early_stopping.enabled=false"]
+
+
+def worker_torchrec(shards: Path) -> dict[str, Any]:
+    """TorchRec's DLRM_DCN as ``torchrec_dlrm``'s dlrm_main.py trains it, on one gloo process."""
+    import torch
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+    from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+    from torchrec.models.dlrm import DLRM_DCN, DLRMTrain
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    from recsys.config import load_config
+    from recsys.data.shards import ShardedSplit
+    from recsys.metrics import CTRMetrics
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29731")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml")
+    shape, opt = model_shape(), recipe.optimizer
+    meta = json.loads((shards / "metadata.json").read_text())
+    sparse, dense = meta["features"]["sparse"], meta["features"]["dense"]
+    dim, batch = shape["embedding_dim"], shape["batch_size"]
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=meta["table_sizes"][f], feature_names=[f])
+              for f in sparse]  # fmt: skip
+    model = DLRM_DCN(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), len(dense), [*BOTTOM_LAYERS, dim],
+                     [*shape["deep_layers"], 1], dcn_num_layers=CROSS_LAYERS, dcn_low_rank_dim=LOW_RANK)  # fmt: skip
+    train_model = DLRMTrain(model)
+    apply_optimizer_in_backward(torch.optim.Adagrad, train_model.model.sparse_arch.parameters(),
+                                {"lr": opt.sparse_lr, "eps": opt.sparse_eps})  # fmt: skip
+    planner = EmbeddingShardingPlanner(topology=Topology(local_world_size=1, world_size=1, compute_device="cpu"),
+                                       batch_size=batch, storage_reservation=HeuristicalStorageReservation(percentage=0.05))  # fmt: skip
+    plan = planner.collective_plan(train_model, get_default_sharders(), dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=train_model, device=torch.device("cpu"), plan=plan)
+    dense_optimizer = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                            lambda params: torch.optim.Adagrad(params, lr=TORCHREC_DENSE_LR))  # fmt: skip
+    pipeline = TrainPipelineSparseDist(dmp, CombinedOptimizer([dmp.fused_optimizer, dense_optimizer]), torch.device("cpu"),
+                                       execute_all_batches=True)  # fmt: skip
+    train = ShardedSplit(str(shards / "train"))
+    batches = iter(train.batches(batch, shuffle=True, seed=0))
+    start, steps = time.perf_counter(), 0
+    dmp.train()
+    while True:
+        try:
+            pipeline.progress(batches)
+            steps += 1
+        except StopIteration:
+            break
+    train_seconds = time.perf_counter() - start
+    dmp = pipeline.detach()  # the plain forward again (the pipeline swapped in its own)
+    dmp.eval()
+    metrics = CTRMetrics()
+    test = ShardedSplit(str(shards / "test"))
+    start, rows = time.perf_counter(), 0
+    with torch.no_grad():
+        for b in test.batches(shape["eval_batch_size"], shuffle=False):
+            _, (_, logits, labels) = dmp(b)
+            metrics.update(logits, labels)
+            rows += len(labels)
+    eval_seconds = time.perf_counter() - start
+    result = metrics.compute()
+    return {"train_samples_per_s": round(len(train) / train_seconds), "eval_samples_per_s": round(rows / eval_seconds),
+            "test_auc": result["auc"], "test_logloss": result["logloss"], "steps": steps, "epoch": True}  # fmt: skip
+
+
+def run_torchrec(shards: Path, work: Path, threads: int) -> dict[str, Any]:
+    out = work / "torchrec.json"
+    command = [sys.executable, __file__, "--worker", str(shards), str(out), str(threads)]
+    peak = measure_process(command)
+    return {**json.loads(out.read_text()), "peak_rss_gib": round(peak / 2**30, 3)}
+
+
+def regime_summary(regime: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The ratios of the issue's targets: DLRM-DCNv2 vs TorchRec's DLRM_DCN, DeepFM vs plain, every model's
+    AUC over plain's."""
+    out: dict[str, Any] = {"bench": "models_summary", "regime": regime}
+    ours, theirs, plain = results.get("recsys_dlrm_dcnv2"), results.get("torchrec_dlrm_dcn"), results.get("plain")
+    if ours and theirs:
+        out["dlrm_dcnv2_speed_vs_torchrec"] = round(ours["train_samples_per_s"] / theirs["train_samples_per_s"], 2)
+        out["dlrm_dcnv2_auc_minus_torchrec"] = round(ours["test_auc"] - theirs["test_auc"], 4)
+    if plain:
+        if "recsys_deepfm" in results:
+            out["deepfm_speed_vs_plain"] = round(results["recsys_deepfm"]["train_samples_per_s"] / plain["train_samples_per_s"], 2)
+        for name, result in results.items():
+            if name.startswith("recsys_"):
+                out[f"{name[7:]}_auc_minus_plain"] = round(result["test_auc"] - plain["test_auc"], 4)
+    return out
+
+
+def run_models(raw: Path, work: Path, regimes: list[str], threads: int, slow_steps: int, host: dict[str, Any]) -> None:
+    for regime in regimes:
+        shards = preprocess(raw, work / f"shards_{regime}", MODEL_REGIMES[regime])
+        results: dict[str, dict[str, Any]] = {}
+        for contender in [*(f"recsys_{m}" for m in MODELS), "plain", "torchrec_dlrm_dcn"]:
+            run_work = work / f"{contender}_{regime}"
+            run_work.mkdir(parents=True, exist_ok=True)
+            if contender == "plain":
+                result = run_in_worker("plain", shards, run_work, slow_steps, threads)
+            elif contender == "torchrec_dlrm_dcn":
+                result = run_torchrec(shards, run_work, threads)
+            else:
+                model = contender.removeprefix("recsys_")
+                result = run_recsys(shards, run_work, [f"model.name={model}", *MODEL_KEYS[model], *COMMON_KEYS])
+            results[contender] = result
+            line = {"bench": contender, "regime": regime, "table_rows": sum(MODEL_REGIMES[regime]), **result, **host}
+            print(json.dumps(line), flush=True)
+        print(json.dumps(regime_summary(regime, results)), flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    shards_arg, out_arg, threads_arg = sys.argv[2:5]
+    os.environ["OMP_NUM_THREADS"] = threads_arg
+    import torch
+
+    torch.set_num_threads(int(threads_arg))
+    Path(out_arg).write_text(json.dumps(worker_torchrec(Path(shards_arg))))
