@@ -6,9 +6,13 @@ import argparse
 import errno
 import json
 import sys
+import time
 from typing import Any
 
 from recsys.config import UserError
+
+# Before torch and the model load: `recsys predict` reports its rate over the whole command.
+STARTED = time.perf_counter()
 from recsys.install_check import check_install
 
 
@@ -79,7 +83,7 @@ def _predict(args: argparse.Namespace) -> int:
         args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, keep_columns=args.keep_columns, started=STARTED,
     )  # fmt: skip
     print(summarize(report))
     return 0
@@ -249,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=0,
                     help="the model's intra-op threads (default: the cores the workers leave, at least 1)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--keep-columns", type=lambda text: [c.strip() for c in text.split(",") if c.strip()], default=[],
+                    metavar="COL,COL", help="input columns copied next to each score, as read (e.g. user_id,item_id, "
+                    "to join the scores back); the schema's id_column is always copied")
     pr.set_defaults(func=_predict)
 
     sv = sub.add_parser(

@@ -8,8 +8,9 @@ so memory is bounded by the chunk size whatever the input size. Bad rows are ski
 ``file:line`` as preprocessing does (``strict`` fails at the first; more than ``max_bad_fraction`` fails
 the run). The output is written under a temporary name and renamed when complete.
 
-Output columns: the schema's ``id_column`` when it names one, ``label`` when the input carries it, and
-``score`` (float32 click probability).
+Output columns: the schema's ``id_column`` when it names one and the ``keep_columns`` (as read, text: to
+join the scores back to users and items), ``label`` when the input carries it, and ``score`` (float32 click
+probability).
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def predict(
     batch_size: int = 16384,
     threads: int = 0,
     progress: bool = True,
+    keep_columns: list[str] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Scores every row of ``inputs`` into ``output`` (.csv or .parquet); returns a report (rows, bad rows
     by kind with the first examples as ``file:line``, ids on the OOV row per feature, rows/s).
@@ -105,10 +108,15 @@ def predict(
     busy cores torch's threads wait on each other: 2 threads beside 2 workers on 2 cores ran batch 4096
     several times slower than 1).
 
+    ``keep_columns``: input columns copied next to each score (any the input has, e.g. user_id, item_id).
+    ``started``: the ``time.perf_counter()`` the reported time and rate count from (the CLI passes its
+    process's start, so they include start-up: imports and loading the model); default: this call.
+
     Raises PreprocessError for bad input as ``recsys preprocess`` would, ServingInputError for an export or
     input that cannot be used at all. Empty input files give no rows.
     """
-    started = time.perf_counter()
+    timed_from = "the start of the command" if started is not None else "the call"
+    started = time.perf_counter() if started is None else started
     scorer = Scorer(export_dir, batch_size)
     paths = [p for p in inputs if not (os.path.isfile(p) and os.path.getsize(p) == 0)]
     prep = input_preprocessing(paths, scorer.preprocessing)
@@ -116,10 +124,16 @@ def predict(
     settings = Settings(out=str(output), inputs=paths, chunk_bytes=chunk_bytes, workers=workers,
                         max_memory_gb=max_memory_gb, strict=strict, max_bad_fraction=max_bad_fraction)  # fmt: skip
     sources = make_sources(settings, schema)[0] if paths else []
+    keep = tuple(dict.fromkeys([*([schema.id_column] if schema.id_column else []), *(keep_columns or [])]))
     for source in sources:
         if schema.id_column and schema.id_column not in source.columns:
             raise ServingInputError(f"{source.path}: lacks the id column {schema.id_column!r} of schema {schema.name}")
-    columns: dict[str, Any] = {schema.id_column: pl.Utf8} if schema.id_column else {}
+        if lacking := [name for name in keep if name not in source.columns]:
+            raise ServingInputError(f"{source.path}: --keep-columns names {lacking}, which it lacks; its columns: "
+                                    f"{source.columns}")
+        if clash := [name for name in keep if name in ("label", "score")]:
+            raise ServingInputError(f"--keep-columns {clash}: the output has its own {clash[0]!r} column")
+    columns: dict[str, Any] = dict.fromkeys(keep, pl.Utf8)
     columns.update({"label": pl.Int8} if schema.label else {})
     columns["score"] = pl.Float32
     writer = ScoreWriter(output, columns)
@@ -130,9 +144,9 @@ def predict(
     stats, oov, rows = PhaseStats(), np.zeros(len(schema.sparse), dtype=np.int64), 0
     bar = tqdm(desc="predict", unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
-        for result in pool.imap(transform_task, FileJob(prep, sources, strict), iter_chunks(sources, chunk_bytes, quote=schema.quote)):
+        for result in pool.imap(transform_task, FileJob(prep, sources, strict, keep), iter_chunks(sources, chunk_bytes, quote=schema.quote)):
             scores = scorer.score_rows(result)
-            frame = {schema.id_column: result.ids} if schema.id_column else {}
+            frame = {name: result.ids[name] for name in keep}
             frame.update({"label": result.columns.labels} if schema.label else {})
             frame["score"] = scores
             writer.write(pl.DataFrame(frame, schema=columns))
@@ -155,14 +169,14 @@ def predict(
         "errors": stats.errors, "error_examples": stats.examples, "labelled": bool(schema.label),
         "oov": {f: int(n) for f, n in zip(schema.sparse, oov) if n},
         "workers": workers, "model_threads": threads, "seconds": round(seconds, 3),
-        "rows_per_s": round(rows / seconds, 1),
+        "rows_per_s": round(rows / seconds, 1), "timed_from": timed_from,
     }  # fmt: skip
 
 
 def summarize(report: dict[str, Any]) -> str:
     lines = [f"scored {report['rows']:,} rows into {report['output']} ({report['workers']} workers, "
              f"{report['model_threads']} model thread(s), "
-             f"{report['seconds']:.1f} s, {report['rows_per_s']:,.0f} rows/s)",
+             f"{report['seconds']:.1f} s, {report['rows_per_s']:,.0f} rows/s, timed from {report['timed_from']})",
              f"  lines {report['lines']:,}, skipped bad rows {report['bad_rows']:,} {report['errors']}"]  # fmt: skip
     lines += [f"    {example}" for example in report["error_examples"]]
     if report["oov"]:
