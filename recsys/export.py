@@ -7,7 +7,8 @@ The folder holds everything needed to score raw logs without the training data o
     EXPORT/
       manifest.json   versions, checkpoint and step, metrics at export, features in model order, the
                       preprocessing (schema, dense transform, sparse mode, hash buckets, missing/OOV rows),
-                      negative_sampling_rate (calibration), quantization and ONNX reports, file list
+                      negative_sampling_rate (calibration), quantization and ONNX reports, every file's size
+                      and sha256 (recsys.serving.manifest: checked by every load)
       model.pt        TorchScript (recsys.serving.modules.ServedModel): forward(dense, KJT) and
                       score_tensors(dense, values, lengths) -> [B] probabilities
       vocab/          vocab mode: <feature>.lookup.npy ([2, V] sorted token keys, rows) and
@@ -57,11 +58,12 @@ from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, read_metadata
+from recsys.integrity import naming_path
 from recsys.models.registry import CTRTrain, ModelSpec, UnsupportedByModel, build_model, model_spec
 from recsys.resolve import resolve_config
+from recsys.serving.manifest import FORMAT, MANIFEST, seal
 from recsys.serving.modules import LogitModel, OnnxDenseModel, OnnxModel, ServedModel, compact_for_quantization
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 # FBGEMM's row-wise formats with CPU kernels in fbgemm-gpu-cpu 1.8 (both checked: tests/serving/test_quantize_onnx.py).
@@ -263,6 +265,13 @@ def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: torch.nn.Mod
     return error
 
 
+def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
+    """``module.save(path)`` through a Python file: TorchScript's own file writer aborts the process (C++
+    terminate, exit 134) when the disk fills; a Python file raises OSError naming the path instead."""
+    with naming_path(path), open(path, "wb") as fh:
+        torch.jit.save(module, fh)
+
+
 def check_supported(config: Config, quantize: str | None, onnx: bool) -> None:
     """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
     spec, name = model_spec(config), config.model.name
@@ -327,7 +336,7 @@ def export_model(
     features = {"dense": config.data.dense_features, "sparse": config.data.sparse_features,
                 "multi_hot": list(schema["multi_hot"])}  # fmt: skip
     manifest: dict[str, Any] = {
-        "format": "recsys-export/1",
+        "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "checkpoint": checkpoint,
@@ -350,11 +359,13 @@ def export_model(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
+    # A full disk names the export, not its temporary folder, which is removed whatever happens.
+    with naming_path(out, over_temporary=True), contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         if vocab:
             shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
         fp32 = script_model(model, manifest)
-        (script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32).save(str(tmp / MODEL_FILE))
+        save_script(script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32, tmp / MODEL_FILE)
         manifest["model"]["bytes"] = (tmp / MODEL_FILE).stat().st_size
         if quantize:
             manifest["quantization"] = _compare_quantized(fp32, manifest, config, tmp)
@@ -362,19 +373,16 @@ def export_model(
             manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
             manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        manifest["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        seal(tmp, manifest)
         _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
 def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:
     """Size and test AUC of the quantized model.pt against the fp32 model (saved aside to measure it)."""
     fp32_path = folder / ".model_fp32.pt"
-    fp32.save(str(fp32_path))
+    save_script(fp32, fp32_path)
     fp32_bytes = fp32_path.stat().st_size
     fp32_path.unlink()
     quantized_bytes = manifest["model"]["bytes"]
