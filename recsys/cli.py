@@ -6,9 +6,13 @@ import argparse
 import errno
 import json
 import sys
+import time
 from typing import Any
 
 from recsys.config import UserError
+
+# Before torch and the model load: `recsys predict` reports its rate over the whole command.
+STARTED = time.perf_counter()
 from recsys.install_check import check_install
 
 
@@ -57,7 +61,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     out = args.out or f"{config.training.run_dir}/export"
-    manifest = export_model(config, out, args.checkpoint, quantize=args.quantize, onnx=args.onnx)
+    manifest = export_model(config, out, args.checkpoint, quantize=args.quantize, onnx=args.onnx,
+                             program=args.program)
     model = manifest["model"]
     print(f"exported {out}/ from {manifest['checkpoint']} (step {manifest['step']}): {model['file']} "
           f"({model['quantization']}, {model['bytes'] / 2**20:.2f} MiB), manifest.json, preprocessing "
@@ -80,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
         progress=not args.no_progress, verify=args.verify or None, labelled=not args.unlabelled,
-        accept_truncated=args.accept_truncated,
+        accept_truncated=args.accept_truncated, keep_columns=args.keep_columns, started=STARTED,
     )  # fmt: skip
     print(summarize(report))
     return 0
@@ -90,7 +95,8 @@ def _serve(args: argparse.Namespace) -> int:
     from recsys.serving.server import ServeConfig, serve
 
     return serve(ServeConfig(args.export, host=args.host, port=args.port, workers=args.workers,
-                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads))
+                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                             backend=args.backend))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -222,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", action="store_true",
                     help="also write OUT/model.onnx (whole model, or the dense part when the tables exceed 1 GiB), "
                     "checked with onnxruntime against TorchScript")
+    ex.add_argument("--program", choices=["torch_export", "aoti"], default=None,
+                    help="also write OUT/model.pt2 (torch.export, fp32) and with aoti OUT/model_aoti.pt2 (AOTInductor, "
+                    "about a minute to compile); `recsys serve --backend` runs them")
     _checkpoint_option(ex)
     ex.set_defaults(func=_export)
 
@@ -258,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify", action="store_true",
                     help="compare the sha256 of every file of the export with its manifest (sizes are always "
                     "compared; checksums too by default when the files total at most 256 MiB)")
+    pr.add_argument("--keep-columns", type=lambda text: [c.strip() for c in text.split(",") if c.strip()], default=[],
+                    metavar="COL,COL", help="input columns copied next to each score, as read (e.g. user_id,item_id, "
+                    "to join the scores back); the schema's id_column is always copied")
     pr.set_defaults(func=_predict)
 
     sv = sub.add_parser(
@@ -277,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=1.0,
                     help="how long a batch waits for more requests after its first")
     sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
+    sv.add_argument("--backend", choices=["torchscript", "torch_export", "aoti"], default="torchscript",
+                    help="the model file: model.pt (TorchScript), model.pt2 or model_aoti.pt2 (`recsys export --program`)")
     sv.set_defaults(func=_serve)
 
     pl = _config_command(

@@ -221,12 +221,11 @@ def export_onnx(model: torch.nn.Module, serving: dict, path: Path, table_limit_b
     """
     ebc = model.sparse_arch.embedding_bag_collection
     table_bytes = sum(t.weight.numel() * t.weight.element_size() for t in ebc.embedding_bags.values())
-    ids, features = serving["preprocessing"]["ids"], serving["features"]
-    rate = serving["negative_sampling_rate"]
+    features, rate = serving["features"], serving["negative_sampling_rate"]
     batch = 3  # > 1, or the exporter specializes the batch dimension
     dense = torch.rand(batch, len(features["dense"]))
     if table_bytes <= table_limit_bytes:
-        module: torch.nn.Module = OnnxModel(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], rate)
+        module: torch.nn.Module = _stacked(model, serving)
         lengths = torch.ones(len(features["sparse"]), batch, dtype=torch.long)
         args: tuple = (dense, torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)
         names = ["dense", "values", "lengths"]
@@ -272,13 +271,17 @@ def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
         torch.jit.save(module, fh)
 
 
-def check_supported(config: Config, quantize: str | None, onnx: bool) -> None:
+def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None) -> None:
     """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
     spec, name = model_spec(config), config.model.name
     if quantize and spec.int8_parts is None:
         raise UnsupportedByModel(f"--quantize {quantize} is not supported for model {name}")
     if onnx and not spec.onnx:
         raise UnsupportedByModel(f"--onnx is not supported for model {name}")
+    if program and not spec.onnx:  # the program carries the module ONNX exports (recsys.serving.exported)
+        raise UnsupportedByModel(f"--program {program} is not supported for model {name}")
+    if program and quantize:
+        raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
 
 
 def _check_destination(out: Path) -> None:
@@ -306,6 +309,7 @@ def export_model(
     checkpoint: str | None = None,
     quantize: str | None = None,
     onnx: bool = False,
+    program: str | None = None,
     negative_sampling_rate: float | None = None,
     onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
 ) -> dict[str, Any]:
@@ -319,7 +323,7 @@ def export_model(
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
-    check_supported(config, quantize, onnx)
+    check_supported(config, quantize, onnx, program)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
@@ -372,11 +376,28 @@ def export_model(
         if onnx:
             manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
             manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])
+        if program:  # "torch_export" or "aoti": recsys.serving.exported (fp32 tables only)
+            manifest["torch_export"] = _programs(model, manifest, fp32, config, tmp, aoti=program == "aoti")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         seal(tmp, manifest)
         _publish(tmp, out)
     return manifest
+
+
+def _programs(model: torch.nn.Module, manifest: dict, fp32: torch.jit.ScriptModule, config: Config, folder: Path, aoti: bool) -> dict:
+    """model.pt2 (torch.export) and with ``aoti`` model_aoti.pt2, checked against TorchScript on test rows."""
+    from recsys.serving.exported import write_programs
+
+    parity = _parity_inputs(config, bad_ids=True)
+    with torch.no_grad(), _quiet():
+        return write_programs(_stacked(model, manifest), folder, parity, fp32.score_tensors(*parity).numpy(), aoti)
+
+
+def _stacked(model: torch.nn.Module, serving: dict) -> OnnxModel:
+    """The whole model over one stacked table, plain tensors in (what ONNX and torch.export carry)."""
+    ids, features = serving["preprocessing"]["ids"], serving["features"]
+    return OnnxModel(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"])
 
 
 def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:

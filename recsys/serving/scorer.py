@@ -52,6 +52,7 @@ class Scorer:
         batch_size: rows per model call.
         verify: compare every file's sha256 with the manifest (sizes are always compared); None: when the
             files total at most ``recsys.serving.manifest.VERIFY_BELOW_BYTES``.
+        backend: ``torchscript`` (model.pt), or ``torch_export`` / ``aoti`` (``recsys.serving.exported``).
 
     Example::
 
@@ -61,7 +62,8 @@ class Scorer:
         scorer.last["bad_rows"], scorer.last["oov"]  # rows the last call rejected, ids on the OOV row
     """
 
-    def __init__(self, export_dir: str | Path, batch_size: int = 16384, verify: bool | None = None) -> None:
+    def __init__(self, export_dir: str | Path, batch_size: int = 16384, verify: bool | None = None,
+                 backend: str = "torchscript") -> None:
         folder = Path(export_dir)
         self.folder = folder
         self.manifest: dict[str, Any] = read_manifest(folder)
@@ -74,10 +76,16 @@ class Scorer:
         self.keys: list[str] = self.manifest["features"]["sparse"]
         model_path = folder / self.manifest["model"]["file"]
         try:
-            self.model = torch.jit.load(str(model_path))
+            self.model: Any = torch.jit.load(str(model_path))
         except RuntimeError as e:  # same size, other bytes, and not hashed (a large export without verify)
             raise DamagedExport(f"{model_path}: not a loadable TorchScript model ({str(e).splitlines()[0]}); "
                                 "load with verify=True (`--verify`) to compare checksums") from None
+        if backend != "torchscript":  # a program written by `recsys export --program` (recsys.serving.exported)
+            from recsys.serving.exported import ProgramModel, load_program
+
+            if "torch_export" not in self.manifest:
+                raise ServingInputError(f"{folder}: no torch.export program; export it with --program")
+            self.model = ProgramModel(load_program(folder, backend))
         self.batch_size = batch_size
         self.last: dict[str, Any] = {}
         exported = self.manifest["versions"]["polars"]
