@@ -32,7 +32,6 @@ name the same storage, with different credentials and caching settings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import posixpath
@@ -52,6 +51,7 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 from torch.distributed.checkpoint.storage import StorageWriter
 from torchrec.optim.keyed import CombinedOptimizer
 
+from recsys import integrity
 from recsys.checkpoint_metadata import (  # noqa: F401 (the errors are imported from here too)
     CheckpointError,
     CheckpointMismatch,
@@ -127,25 +127,9 @@ def _writer(path: str) -> StorageWriter:
     return FsspecWriter(path, single_file_per_rank=False)
 
 
-def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    with fs.open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _file_sizes(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, int]:
-    """{path relative to ``folder``: bytes} of every file under it, from one listing (a stat per file would be
-    a request per file on object stores)."""
-    prefix = folder.rstrip("/") + "/"
-    return {path[len(prefix) :]: info["size"] for path, info in fs.find(folder, detail=True).items() if path.startswith(prefix)}
-
-
 def _write_manifest(fs: fsspec.AbstractFileSystem, folder: str) -> None:
     """Size and sha256 of every file of a finished save, written last: a folder without it is incomplete."""
-    files = {
-        name: {"bytes": size, "sha256": _sha256(fs, posixpath.join(folder, name))}
-        for name, size in sorted(_file_sizes(fs, folder).items())
-        if not name.endswith(MANIFEST)
-    }
+    files = integrity.file_records(fs, folder, skip=MANIFEST)
     _write_atomic(fs, posixpath.join(folder, MANIFEST), json.dumps({"files": files}, indent=1).encode())
 
 
@@ -164,16 +148,7 @@ def verify_checkpoint(path: str, checksums: bool = False) -> None:
         raise CheckpointError(f"{manifest} is missing: an incomplete checkpoint") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{manifest}: unreadable ({type(e).__name__}: {e})") from None
-    sizes = _file_sizes(fs, local)
-    for name, (size, digest) in expected.items():
-        file = posixpath.join(local, name)
-        if name not in sizes:
-            raise CheckpointError(f"{posixpath.join(path, name)} is missing")
-        if (actual := sizes[name]) != size:
-            raise CheckpointError(f"{posixpath.join(path, name)} holds {actual} bytes, {manifest} says {size}: "
-                                  "truncated or overwritten")
-        if checksums and _sha256(fs, file) != digest:
-            raise CheckpointError(f"{posixpath.join(path, name)}: sha256 differs from {manifest}: damaged")
+    integrity.check_files(fs, local, expected, checksums, path, manifest, CheckpointError)
     reader(path).read_metadata()
 
 

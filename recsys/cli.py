@@ -57,7 +57,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     out = args.out or f"{config.training.run_dir}/export"
-    manifest = export_model(config, out, args.checkpoint, quantize=args.quantize, onnx=args.onnx)
+    manifest = export_model(config, out, args.checkpoint, quantize=args.quantize, onnx=args.onnx,
+                             program=args.program)
     model = manifest["model"]
     print(f"exported {out}/ from {manifest['checkpoint']} (step {manifest['step']}): {model['file']} "
           f"({model['quantization']}, {model['bytes'] / 2**20:.2f} MiB), manifest.json, preprocessing "
@@ -79,7 +80,8 @@ def _predict(args: argparse.Namespace) -> int:
         args.export, args.inputs, args.output, workers=args.workers, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress, verify=args.verify or None, labelled=not args.unlabelled,
+        accept_truncated=args.accept_truncated,
     )  # fmt: skip
     print(summarize(report))
     return 0
@@ -89,7 +91,8 @@ def _serve(args: argparse.Namespace) -> int:
     from recsys.serving.server import ServeConfig, serve
 
     return serve(ServeConfig(args.export, host=args.host, port=args.port, workers=args.workers,
-                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads))
+                             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms, threads=args.threads,
+                             backend=args.backend))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -221,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--onnx", action="store_true",
                     help="also write OUT/model.onnx (whole model, or the dense part when the tables exceed 1 GiB), "
                     "checked with onnxruntime against TorchScript")
+    ex.add_argument("--program", choices=["torch_export", "aoti"], default=None,
+                    help="also write OUT/model.pt2 (torch.export, fp32) and with aoti OUT/model_aoti.pt2 (AOTInductor, "
+                    "about a minute to compile); `recsys serve --backend` runs them")
     _checkpoint_option(ex)
     ex.set_defaults(func=_export)
 
@@ -230,15 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="score raw logs with an export folder: one click probability per row",
         description="Parses raw logs (TSV, .gz, schema CSV; with or without the label column) with exactly "
-        "training's transforms, on all cores in bounded memory, and writes one row per good input row: the "
-        "schema's id column if any, the label if present, and score. Bad rows are skipped and counted with "
-        "file:line as in `recsys preprocess`. Example: recsys predict runs/synthetic/export "
+        "training's transforms, on all cores in bounded memory, and writes one row per input row, in order: the "
+        "schema's id column if any, the label if present, and score. Bad rows are counted with file:line as in "
+        "`recsys preprocess` and scored NaN in place. Example: recsys predict runs/synthetic/export "
         "data/synthetic/test.tsv --output scores.parquet",
     )
     pr.add_argument("export", help="folder written by `recsys export`")
     pr.add_argument("inputs", nargs="+", metavar="INPUT", help="raw log files (plain or .gz)")
     pr.add_argument("--output", required=True, help="scores file, .csv or .parquet (written atomically)")
     pr.add_argument("--strict", action="store_true", help="fail at the first malformed row")
+    pr.add_argument("--unlabelled", action="store_true",
+                    help="the inputs (without a header) lack the label column; without it a file one column "
+                    "short is refused, as a dropped column looks alike")
+    pr.add_argument("--accept-truncated", action="store_true",
+                    help="score the rows before the break of a truncated or corrupt .gz input instead of failing")
     pr.add_argument("--max-bad-fraction", type=float, default=Settings.max_bad_fraction,
                     help="fail when more than this fraction of lines is malformed (default 0.01)")
     pr.add_argument("--workers", type=int, default=0, help="parsing processes (default: all cores)")
@@ -249,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=0,
                     help="the model's intra-op threads (default: the cores the workers leave, at least 1)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pr.add_argument("--verify", action="store_true",
+                    help="compare the sha256 of every file of the export with its manifest (sizes are always "
+                    "compared; checksums too by default when the files total at most 256 MiB)")
     pr.set_defaults(func=_predict)
 
     sv = sub.add_parser(
@@ -268,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-wait-ms", type=float, default=1.0,
                     help="how long a batch waits for more requests after its first")
     sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
+    sv.add_argument("--backend", choices=["torchscript", "torch_export", "aoti"], default="torchscript",
+                    help="the model file: model.pt (TorchScript), model.pt2 or model_aoti.pt2 (`recsys export --program`)")
     sv.set_defaults(func=_serve)
 
     pl = _config_command(
@@ -310,17 +326,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # OSErrors a user causes and can fix (a path, a full disk); any other error is a bug and keeps its traceback.
 _USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError)
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_DISK_HINTS = {errno.ENOSPC: "free space there or choose another path", errno.EDQUOT: "free space within your "
+               "quota or choose another path", errno.EROFS: "choose a writable path"}  # fmt: skip
 
 
 def _user_message(e: BaseException) -> str | None:
     """One line for an error the user caused, or None for a bug."""
-    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_ERRNOS:
+    if isinstance(e, OSError) and not isinstance(e, _USER_OS_ERRORS) and e.errno not in _DISK_HINTS:
         return None
     if not isinstance(e, (UserError, OSError)):
         return None
     if isinstance(e, OSError) and e.filename is not None:
-        hint = ": free space there or choose another path" if e.errno in _DISK_ERRNOS else ""
+        hint = f": {_DISK_HINTS[e.errno]}" if e.errno in _DISK_HINTS else ""
         return f"{e.filename}: {e.strerror}{hint}"
     return " ".join(str(e).split())
 
@@ -335,10 +352,15 @@ def main(argv: list[str] | None = None) -> int:
 
     install()  # known third-party notices stay off the screen (RECSYS_WARNINGS=all shows them)
     args = parse_args(argv)
-    if args.command not in _NO_TORCH:
-        check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
     try:
+        if args.command not in _NO_TORCH:
+            check_install()  # an incomplete install (e.g. a bare `pip install -e .`) fails here, saying how to fix it
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the commands write under temporary names, so nothing half-written stays
+        if args.debug:
+            raise
+        print(f"recsys {args.command}: interrupted; nothing was left half-written", file=sys.stderr)
+        return 130  # the shell's code for SIGINT
     except Exception as e:
         message = None if args.debug else _user_message(e)
         if message is None:

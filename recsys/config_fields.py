@@ -5,6 +5,7 @@ preprocessing schemas (``recsys.data.schema``) are read through ``build_dataclas
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -52,7 +53,7 @@ class Range:
         return " ".join(bounds) + (f" ({'; '.join(notes)})" if notes else "")
 
     def fits(self, x: float) -> bool:
-        if x != x:  # NaN (YAML .nan) fits no range
+        if not math.isfinite(x):  # YAML's .nan and .inf fit no range
             return False
         if self.low is not None and (x <= self.low if self.low_open else x < self.low):
             return False

@@ -7,7 +7,8 @@ The folder holds everything needed to score raw logs without the training data o
     EXPORT/
       manifest.json   versions, checkpoint and step, metrics at export, features in model order, the
                       preprocessing (schema, dense transform, sparse mode, hash buckets, missing/OOV rows),
-                      negative_sampling_rate (calibration), quantization and ONNX reports, file list
+                      negative_sampling_rate (calibration), quantization and ONNX reports, every file's size
+                      and sha256 (recsys.serving.manifest: checked by every load)
       model.pt        TorchScript (recsys.serving.modules.ServedModel): forward(dense, KJT) and
                       score_tensors(dense, values, lengths) -> [B] probabilities
       vocab/          vocab mode: <feature>.lookup.npy ([2, V] sorted token keys, rows) and
@@ -57,11 +58,12 @@ from recsys.config import Config, UserError
 from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, read_metadata
+from recsys.integrity import naming_path
 from recsys.models.registry import CTRTrain, ModelSpec, UnsupportedByModel, build_model, model_spec
 from recsys.resolve import resolve_config
+from recsys.serving.manifest import FORMAT, MANIFEST, seal
 from recsys.serving.modules import LogitModel, OnnxDenseModel, OnnxModel, ServedModel, compact_for_quantization
 
-MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
 # FBGEMM's row-wise formats with CPU kernels in fbgemm-gpu-cpu 1.8 (both checked: tests/serving/test_quantize_onnx.py).
@@ -219,12 +221,11 @@ def export_onnx(model: torch.nn.Module, serving: dict, path: Path, table_limit_b
     """
     ebc = model.sparse_arch.embedding_bag_collection
     table_bytes = sum(t.weight.numel() * t.weight.element_size() for t in ebc.embedding_bags.values())
-    ids, features = serving["preprocessing"]["ids"], serving["features"]
-    rate = serving["negative_sampling_rate"]
+    features, rate = serving["features"], serving["negative_sampling_rate"]
     batch = 3  # > 1, or the exporter specializes the batch dimension
     dense = torch.rand(batch, len(features["dense"]))
     if table_bytes <= table_limit_bytes:
-        module: torch.nn.Module = OnnxModel(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], rate)
+        module: torch.nn.Module = _stacked(model, serving)
         lengths = torch.ones(len(features["sparse"]), batch, dtype=torch.long)
         args: tuple = (dense, torch.zeros(int(lengths.sum()), dtype=torch.long), lengths)
         names = ["dense", "values", "lengths"]
@@ -263,13 +264,24 @@ def check_onnx(path: Path, scripted: torch.jit.ScriptModule, model: torch.nn.Mod
     return error
 
 
-def check_supported(config: Config, quantize: str | None, onnx: bool) -> None:
+def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
+    """``module.save(path)`` through a Python file: TorchScript's own file writer aborts the process (C++
+    terminate, exit 134) when the disk fills; a Python file raises OSError naming the path instead."""
+    with naming_path(path), open(path, "wb") as fh:
+        torch.jit.save(module, fh)
+
+
+def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None) -> None:
     """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
     spec, name = model_spec(config), config.model.name
     if quantize and spec.int8_parts is None:
         raise UnsupportedByModel(f"--quantize {quantize} is not supported for model {name}")
     if onnx and not spec.onnx:
         raise UnsupportedByModel(f"--onnx is not supported for model {name}")
+    if program and not spec.onnx:  # the program carries the module ONNX exports (recsys.serving.exported)
+        raise UnsupportedByModel(f"--program {program} is not supported for model {name}")
+    if program and quantize:
+        raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
 
 
 def _check_destination(out: Path) -> None:
@@ -297,6 +309,7 @@ def export_model(
     checkpoint: str | None = None,
     quantize: str | None = None,
     onnx: bool = False,
+    program: str | None = None,
     negative_sampling_rate: float | None = None,
     onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
 ) -> dict[str, Any]:
@@ -310,7 +323,7 @@ def export_model(
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
-    check_supported(config, quantize, onnx)
+    check_supported(config, quantize, onnx, program)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
@@ -327,7 +340,7 @@ def export_model(
     features = {"dense": config.data.dense_features, "sparse": config.data.sparse_features,
                 "multi_hot": list(schema["multi_hot"])}  # fmt: skip
     manifest: dict[str, Any] = {
-        "format": "recsys-export/1",
+        "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "checkpoint": checkpoint,
@@ -350,31 +363,47 @@ def export_model(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    try:
+    # A full disk names the export, not its temporary folder, which is removed whatever happens.
+    with naming_path(out, over_temporary=True), contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         if vocab:
             shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
         fp32 = script_model(model, manifest)
-        (script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32).save(str(tmp / MODEL_FILE))
+        save_script(script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32, tmp / MODEL_FILE)
         manifest["model"]["bytes"] = (tmp / MODEL_FILE).stat().st_size
         if quantize:
             manifest["quantization"] = _compare_quantized(fp32, manifest, config, tmp)
         if onnx:
             manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
             manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])
+        if program:  # "torch_export" or "aoti": recsys.serving.exported (fp32 tables only)
+            manifest["torch_export"] = _programs(model, manifest, fp32, config, tmp, aoti=program == "aoti")
         (tmp / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        manifest["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        seal(tmp, manifest)
         _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _programs(model: torch.nn.Module, manifest: dict, fp32: torch.jit.ScriptModule, config: Config, folder: Path, aoti: bool) -> dict:
+    """model.pt2 (torch.export) and with ``aoti`` model_aoti.pt2, checked against TorchScript on test rows."""
+    from recsys.serving.exported import write_programs
+
+    parity = _parity_inputs(config, bad_ids=True)
+    with torch.no_grad(), _quiet():
+        return write_programs(_stacked(model, manifest), folder, parity, fp32.score_tensors(*parity).numpy(), aoti)
+
+
+def _stacked(model: torch.nn.Module, serving: dict) -> OnnxModel:
+    """The whole model over one stacked table, plain tensors in (what ONNX and torch.export carry)."""
+    ids, features = serving["preprocessing"]["ids"], serving["features"]
+    return OnnxModel(model, [ids["table_rows"][f] for f in features["sparse"]], ids["oov_rows"], serving["negative_sampling_rate"])
 
 
 def _compare_quantized(fp32: torch.jit.ScriptModule, manifest: dict, config: Config, folder: Path) -> dict:
     """Size and test AUC of the quantized model.pt against the fp32 model (saved aside to measure it)."""
     fp32_path = folder / ".model_fp32.pt"
-    fp32.save(str(fp32_path))
+    save_script(fp32, fp32_path)
     fp32_bytes = fp32_path.stat().st_size
     fp32_path.unlink()
     quantized_bytes = manifest["model"]["bytes"]

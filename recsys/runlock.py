@@ -1,5 +1,6 @@
 """One writer per run_dir: ``recsys train`` holds ``<run_dir>/.lock`` (the holder's host and PID) while it
 runs, so a second run on the same run_dir stops at once instead of interleaving checkpoints and metrics.
+``recsys preprocess`` holds ``<out>/.lock`` the same way (two runs into one folder would mix shards).
 
 A lock whose holder is gone (same host, no such process: it was killed) is stale and taken over, saying
 so, as is one left by an earlier attempt of the same torchrun job (an elastic restart may put rank 0 on
@@ -59,13 +60,13 @@ def _stale(holder: dict[str, Any] | None, path: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: str) -> Iterator[None]:
+def run_dir_lock(run_dir: str, setting: str = "training.run_dir") -> Iterator[None]:
     """Holds ``<run_dir>/.lock`` for the block (creating run_dir). RunDirLocked when a live run holds it;
-    ConfigError when run_dir cannot be created."""
+    ConfigError when run_dir cannot be created. ``setting``: how the user names the folder (messages)."""
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"training.run_dir={run_dir}: cannot create it ({e.strerror}: {e.filename}); "
+        raise ConfigError(f"{setting}={run_dir}: cannot create it ({e.strerror}: {e.filename}); "
                           "choose another path") from None
     path = os.path.join(run_dir, LOCK)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -80,7 +81,7 @@ def run_dir_lock(run_dir: str) -> Iterator[None]:
                        else "another run (its lock file is being written)")
                 raise RunDirLocked(
                     f"{run_dir} is in use by {who} ({path}): wait for it to finish or use another "
-                    f"training.run_dir; if that run is dead, delete {path}"
+                    f"{setting}; if that run is dead, delete {path}"
                 ) from None
             print(f"recsys: taking over the stale lock {path} ({holder or 'unreadable'}: that run is gone)",
                   file=sys.stderr)

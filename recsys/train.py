@@ -39,7 +39,7 @@ from recsys.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from recsys.config import Config, check_device
+from recsys.config import Config, ConfigError, check_device
 from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
 from recsys.data.shards import ShardedSplit
@@ -206,7 +206,7 @@ def evaluate_checkpoint(config: Config, split: str = "test", checkpoint: str | N
     step = int(load_checkpoint(path, job.model, optimizer=None)["step"])
     data = getattr(job.splits, split)
     if data is None:
-        raise ValueError(f"data.{split} is not set")
+        raise ConfigError(f"data.{split} is not set: name the {split} split's shard folder or raw file in the config")
     if job.env.is_main:  # on stderr: stdout carries the metrics alone (JSON for scripts)
         print(f"scoring {path} (step {step}) on the {split} split ({len(data):,} rows, data.{split}="
               f"{getattr(job.config.data, split)})", file=sys.stderr)

@@ -4,6 +4,7 @@ the traceback; a bug keeps its traceback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import signal
@@ -218,3 +219,39 @@ def test_overrides_are_taken_anywhere_after_the_config(
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(config_file), "--split", "val", "--bogus", "data.eval_batch_size=8"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+# --- files in, files out: generated data, storage errors
+
+
+@pytest.mark.parametrize("rows", ["0", "-5", "5"])
+def test_generate_refuses_rows_that_leave_a_split_empty(rows: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = _fails(capsys, "generate", "--rows", rows, "--out", str(tmp_path / "data"))
+    assert f"--rows {rows} leaves a split without rows" in line and "at least 10" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_generate_on_a_full_disk_leaves_no_split(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import recsys.data.synthetic as synthetic
+
+    real, calls = synthetic.format_rows, []
+
+    def full(chunk: dict) -> str:
+        calls.append(1)
+        if len(calls) == 2:  # the val split
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(chunk)
+
+    monkeypatch.setattr(synthetic, "format_rows", full)
+    line = _fails(capsys, "generate", "--rows", "100", "--out", str(tmp_path))
+    assert line.endswith(f"{tmp_path / 'val.tsv'}: No space left on device: free space there or choose another path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not train.tsv alone, no .tmp
+
+
+def test_storage_errors_get_the_hint_that_fits() -> None:
+    from recsys.cli import _user_message
+
+    assert _user_message(OSError(errno.ENOSPC, "No space left on device", "/d/x")) == (
+        "/d/x: No space left on device: free space there or choose another path")
+    assert _user_message(OSError(errno.EROFS, "Read-only file system", "/ro/x")) == (
+        "/ro/x: Read-only file system: choose a writable path")

@@ -136,6 +136,7 @@ def test_exponent_without_dot_is_a_number() -> None:
         ("data.batch_size=0", r"data.batch_size=0: must be >= 1"),
         ("model.dropout=1", r"model.dropout=1.0: must be in \[0, 1\)"),
         ("optimizer.sparse_lr=.nan", r"optimizer.sparse_lr=nan: must be > 0"),
+        ("optimizer.dense_lr=.inf", r"optimizer.dense_lr=inf: must be > 0"),
         ("schedule.step_gamma=0", r"schedule.step_gamma=0.0: must be in \(0, 1\]"),
         ("sharding.device_memory_gb=-1", r"sharding.device_memory_gb=-1.0: must be >= 0 \(0 = the device's own size\)"),
         ("sharding.tables={C1: {cache_load_factor: 2}}", r"sharding.tables.C1.cache_load_factor=2.0: must be in \[0, 1\]"),

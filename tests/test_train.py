@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys.config import Config, config_from_dict
+from recsys.config import Config, ConfigError, config_from_dict
 import torch
 
 from recsys.checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, read_tensors
@@ -152,6 +152,8 @@ def test_resume_eval_and_export_with_another_model_shape_name_the_parameters_fir
     with pytest.raises(CheckpointMismatch, match=differ):
         train(wider)
     assert (run_dir / "config.yaml").read_text() == written
+    with pytest.raises(ConfigError, match="data.test is not set"):  # was a ValueError's traceback
+        evaluate_checkpoint(make_config(synthetic_shards, run_dir, "data.test="), "test")
     with pytest.raises(CheckpointMismatch, match=differ):
         evaluate_checkpoint(wider, "test")
     capsys.readouterr()

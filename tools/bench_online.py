@@ -9,7 +9,8 @@ rows/s, p50/p90/p99 latency, errors and the server's RSS (VmRSS, VmHWM).
 
 Offline bounds, in a subprocess with the same threads, on the same rows at the same batch sizes:
 ``model_*`` the exported model alone on tensors (TorchScript ``score_tensors``, onnxruntime on model.onnx,
-and a torch.export program where the export carries one: ``recsys.serving.exported``), and ``scorer`` the
+the torch.export program run eagerly and its AOTInductor build where the export carries them:
+``recsys.serving.exported``), and ``scorer`` the
 whole in-process path the server runs per batch (``Scorer.score`` on a frame: transforms + model).
 """
 
@@ -56,10 +57,10 @@ if "onnx" in manifest and manifest["onnx"]["inputs"][1] == "values":
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     onnx = onnxruntime.InferenceSession(f"{export}/{manifest['onnx']['file']}", options, providers=["CPUExecutionProvider"])
-program = None
+programs = {}
 if "torch_export" in manifest:
     from recsys.serving.exported import load_program
-    program = load_program(export)
+    programs = {name: load_program(export, name) for name in ("torch_export", "aoti") if name == "torch_export" or "aoti_file" in manifest["torch_export"]}
 for size in sizes:
     part = frame.head(size)
     result[f"scorer_{size}"] = timed(lambda: scorer.score(part), size)
@@ -74,8 +75,8 @@ for size in sizes:
     values = values.long()
     with torch.no_grad():
         result[f"model_torchscript_{size}"] = timed(lambda: scorer.model.score_tensors(dense, values, lengths), size)
-        if program is not None:
-            result[f"model_torch_export_{size}"] = timed(lambda: program(dense, values, lengths), size)
+        for name, program in programs.items():
+            result[f"model_{name}_{size}"] = timed(lambda: program(dense, values, lengths), size)
     if onnx is not None:
         feed = {"dense": dense.numpy(), "values": values.numpy(), "lengths": lengths.numpy()}
         result[f"model_onnx_{size}"] = timed(lambda: onnx.run(None, feed), size)
@@ -183,7 +184,8 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     rows = request_rows(test_tsv, max(sizes) * 8)
     summary: dict = {"bench": "online_summary", "export": str(export), "cpus": os.cpu_count(),
                      "load_average_at_start": round(os.getloadavg()[0], 2), "model_threads": args.threads,
-                     "max_batch_rows": args.max_batch_rows, "max_wait_ms": args.max_wait_ms}  # fmt: skip
+                     "max_batch_rows": args.max_batch_rows, "max_wait_ms": args.max_wait_ms,
+                     "backend": args.backend}  # fmt: skip
     import polars as pl
 
     rows_path = work / "online_rows.arrow"
@@ -196,7 +198,8 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", str(export), "--host", "127.0.0.1", "--port", str(port),
-         "--threads", str(args.threads), "--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms)],
+         "--threads", str(args.threads), "--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms),
+         "--backend", args.backend],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     total_errors = 0

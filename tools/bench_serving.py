@@ -111,14 +111,17 @@ def main() -> None:
     online.add_argument("--seconds", type=float, default=8.0, help="time cap per measurement")
     online.add_argument("--max-batch-rows", type=int, default=4096)
     online.add_argument("--max-wait-ms", type=float, default=1.0)
+    online.add_argument("--backend", default="torchscript", choices=["torchscript", "torch_export", "aoti"],
+                        help="the model file the server runs")
     args = parser.parse_args()
     if args.mode == "online":
         from bench_online import run_online
 
         work = Path(args.work)
-        export = work / "export_fp32"
-        if not (export / "manifest.json").exists():  # the offline run's export is reused when present
+        export = work / "export_online"
+        if not (export / "manifest.json").exists():  # the offline run's data and run are reused when present
             setup(work, args.rows, args.config)
+            run("export", str(work / "run" / "config.yaml"), "--out", str(export), "--onnx", "--program", "aoti")
         run_online(export, work / "data" / "test.tsv", work, args)
         return
     paths = setup(Path(args.work), args.rows, args.config)

@@ -20,6 +20,7 @@ Two ways to draw the lookup:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ MLPERF_TABLE_SIZES = [
 MLPERF_MULTI_HOT_SIZES = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3, 1, 1]
 LOOKUPS = ("reference", "hash")
 LOOKUP_BLOCK_BYTES = 256 << 20  # draws held at a time while drawing the reference lookup (int64 + int32)
+WINDOW_BYTES = 64 << 20  # of a reference lookup file mapped at a time while gathering
 
 
 @dataclass
@@ -100,10 +102,7 @@ class Lookup:
         if width == 1:
             return out
         if self.expansion.lookup == "reference":
-            # Opened per call: the touched pages leave this process's RSS with the map.
-            drawn = np.load(self.folder / f"table_{table}.npy", mmap_mode="r")
-            out[:, 1:] = drawn[ids]
-            del drawn
+            out[:, 1:] = _gather_rows(self.folder / f"table_{table}.npy", ids)
             return out
         key = np.uint64(((self.expansion.seed * 1_000_003 + table) * 131 & 0xFFFFFFFF) << 32)
         slots = np.arange(1, width, dtype=np.uint64) << np.uint64(40)
@@ -111,6 +110,38 @@ class Lookup:
             counters = (ids.astype(np.uint64)[:, None] | slots[None, :]) ^ key
         out[:, 1:] = splitmix64(counters) % np.uint64(rows)
         return out
+
+
+def _gather_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]`` of a ``.npy`` file, mapping ``WINDOW_BYTES`` of it at a time: a fault on a mapped page
+    also maps its cached neighbours (fault-around, whatever madvise says), so scattered rows of one big map
+    would bring the whole file into this process's RSS; a window is unmapped once its rows are copied."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+        offset, row_bytes = fh.tell(), dtype.itemsize * int(np.prod(shape[1:]))
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        per_window = max(1, WINDOW_BYTES // row_bytes)
+        for first in range(int(ordered[0]) // per_window * per_window if len(rows) else shape[0], shape[0], per_window):
+            lo, hi = np.searchsorted(ordered, [first, first + per_window])
+            if lo == len(ordered):
+                break
+            if lo == hi:
+                continue
+            start = offset + first * row_bytes
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            count = min(per_window, shape[0] - first)
+            mapped = mmap.mmap(fh.fileno(), start - aligned + count * row_bytes, access=mmap.ACCESS_READ,
+                               offset=aligned)  # fmt: skip
+            window = np.frombuffer(mapped, dtype=dtype, count=count * int(np.prod(shape[1:])),
+                                   offset=start - aligned).reshape((count, *shape[1:]))  # fmt: skip
+            out[order[lo:hi]] = window[ordered[lo:hi] - first]
+            del window
+            mapped.close()
+    return out
 
 
 def is_built(folder: Path, expansion: Expansion) -> bool:

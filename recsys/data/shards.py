@@ -87,6 +87,13 @@ class _Shard:
             raise ShardError(f"{path}: incomplete shard ({e.filename} missing); re-run recsys preprocess") from None
         except DaysError as e:
             raise ShardError(str(e)) from None
+        except (ValueError, OSError) as e:  # numpy's own words for a truncated or foreign .npy name no file
+            raise ShardError(f"{path}: an array is unreadable ({e}): truncated or not a .npy file; re-run recsys "
+                             "preprocess") from None
+        for array, kinds, what in (("labels", "iu", "integers"), ("dense", "f", "floats"), ("sparse", "iu", "integers")):
+            if getattr(columns, array).dtype.kind not in kinds:
+                raise ShardError(f"{self.file(array)}: holds {getattr(columns, array).dtype} values, not {what}: not "
+                                 "as recsys preprocess writes it; re-run recsys preprocess")
         self.modulo = None
         if modulo is not None:
             one_hot = [f for f in sparse if f not in multi_hot]

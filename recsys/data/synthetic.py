@@ -26,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.config import UserError
+from recsys.integrity import naming_path
+
 # Vocabulary sizes with the spread of Criteo's 26 categorical features (a few tiny, several huge).
 DEFAULT_VOCAB = [
     1460, 583, 200_000, 120_000, 305, 24, 12_517, 633, 3, 93_145, 5_683, 180_000, 3_194,
@@ -204,30 +207,38 @@ def generate_splits(
     """
     spec = spec or SyntheticSpec()
     splits = splits or {"train": 0.8, "val": 0.1, "test": 0.1}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {name: int(rows * ratio) for name, ratio in splits.items()}
     first = next(iter(counts))
     counts[first] += rows - sum(counts.values())
+    if min(counts.values()) < 1:
+        raise UserError(f"--rows {rows} leaves a split without rows ({counts}): give at least "
+                        f"{math.ceil(1 / min(splits.values()))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     oracle: dict[str, dict[str, float]] = {}
     chunk_index = 0
-    for name, count in counts.items():
-        labels, probs, users = [], [], []
-        tmp = out / f".{name}.tsv.tmp"
-        with open(tmp, "w") as fh:
-            done = 0
-            while done < count:
-                n = min(chunk_rows, count - done)
-                chunk = generate_chunk(spec, chunk_index, n)
-                fh.write(format_rows(chunk))
-                labels.append(chunk["label"])
-                probs.append(chunk["prob"])
-                users += [chunk["user"]] if spec.num_users else []
-                chunk_index += 1
-                done += n
-        os.replace(tmp, out / f"{name}.tsv")
-        oracle[name] = oracle_metrics(np.concatenate(labels), np.concatenate(probs),
-                                      np.concatenate(users) if users else None)
+    tmps = {name: out / f".{name}.tsv.tmp" for name in counts}
+    try:  # every split under a temporary name, renamed together: no mix of new and old splits on a failure
+        for name, count in counts.items():
+            labels, probs, users = [], [], []
+            with naming_path(out / f"{name}.tsv"), open(tmps[name], "w") as fh:
+                done = 0
+                while done < count:
+                    n = min(chunk_rows, count - done)
+                    chunk = generate_chunk(spec, chunk_index, n)
+                    fh.write(format_rows(chunk))
+                    labels.append(chunk["label"])
+                    probs.append(chunk["prob"])
+                    users += [chunk["user"]] if spec.num_users else []
+                    chunk_index += 1
+                    done += n
+            oracle[name] = oracle_metrics(np.concatenate(labels), np.concatenate(probs),
+                                          np.concatenate(users) if users else None)
+        for name, tmp in tmps.items():
+            os.replace(tmp, out / f"{name}.tsv")
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
     meta = {"spec": asdict(spec), "splits": counts, "oracle": oracle}
     tmp = out / ".oracle.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))

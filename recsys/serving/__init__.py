@@ -14,8 +14,12 @@ if TYPE_CHECKING:
     from recsys.serving.scorer import Scorer
 
 
-def load(export_dir: str | Path, batch_size: int = 16384) -> Scorer:
-    """The export folder ``export_dir`` as a :class:`Scorer` (``score(frame_or_lines)`` -> probabilities)."""
+def load(export_dir: str | Path, batch_size: int = 16384, verify: bool | None = None, backend: str = "torchscript") -> Scorer:
+    """The export folder ``export_dir`` as a :class:`Scorer` (``score(frame_or_lines)`` -> probabilities).
+
+    The manifest's fields and every file's size are always checked; ``verify`` compares sha256 too (None:
+    when the files total at most ``recsys.serving.manifest.VERIFY_BELOW_BYTES``). ``backend``: the model
+    file it runs (``torchscript``, or ``torch_export`` / ``aoti``: ``recsys.serving.exported``)."""
     from recsys.serving.scorer import Scorer
 
-    return Scorer(export_dir, batch_size)
+    return Scorer(export_dir, batch_size, verify, backend)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from recsys.data.preprocess.parse import BadInput
 from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
 from recsys.data.preprocess.sources import Chunk
 from recsys.data.schema import schema_from_dict
-from recsys.export import MANIFEST
+from recsys.serving.manifest import DamagedExport, read_manifest, verify_export
 from recsys.serving.transform import (
     Preprocessing,
     Rows,
@@ -26,6 +25,19 @@ from recsys.serving.transform import (
     text_rows,
     transform,
 )
+
+
+def _check_lookups(vocab_dir: Path, features: list[str]) -> None:
+    """Each feature's ``<feature>.lookup.npy`` has a readable ``[2, V]`` integer header (reads the headers
+    only: a file of random bytes fails here, not in a parsing worker)."""
+    for name in features:
+        path = vocab_dir / f"{name}.lookup.npy"
+        try:
+            lookup = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DamagedExport(f"{path}: not a vocabulary lookup ({e})") from None
+        if lookup.ndim != 2 or lookup.shape[0] != 2 or lookup.dtype.kind not in "iu":
+            raise DamagedExport(f"{path}: a {lookup.dtype} array of shape {list(lookup.shape)}, expected int [2, V]")
 
 
 class Scorer:
@@ -38,6 +50,9 @@ class Scorer:
     Args:
         export_dir: a folder written by ``recsys export``.
         batch_size: rows per model call.
+        verify: compare every file's sha256 with the manifest (sizes are always compared); None: when the
+            files total at most ``recsys.serving.manifest.VERIFY_BELOW_BYTES``.
+        backend: ``torchscript`` (model.pt), or ``torch_export`` / ``aoti`` (``recsys.serving.exported``).
 
     Example::
 
@@ -47,17 +62,30 @@ class Scorer:
         scorer.last["bad_rows"], scorer.last["oov"]  # rows the last call rejected, ids on the OOV row
     """
 
-    def __init__(self, export_dir: str | Path, batch_size: int = 16384) -> None:
+    def __init__(self, export_dir: str | Path, batch_size: int = 16384, verify: bool | None = None,
+                 backend: str = "torchscript") -> None:
         folder = Path(export_dir)
-        if not (folder / MANIFEST).is_file():
-            raise ServingInputError(f"{folder}: no {MANIFEST}; not a `recsys export` folder")
         self.folder = folder
-        self.manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
+        self.manifest: dict[str, Any] = read_manifest(folder)
+        self.verified = verify_export(folder, self.manifest, verify)
         pre = self.manifest["preprocessing"]
         schema = schema_from_dict(pre["schema"])
         self.preprocessing = Preprocessing(schema, str(folder / pre["vocab_dir"]) if pre["vocab_dir"] else None)
+        if self.preprocessing.vocab_dir:
+            _check_lookups(Path(self.preprocessing.vocab_dir), schema.sparse)
         self.keys: list[str] = self.manifest["features"]["sparse"]
-        self.model = torch.jit.load(str(folder / self.manifest["model"]["file"]))
+        model_path = folder / self.manifest["model"]["file"]
+        try:
+            self.model: Any = torch.jit.load(str(model_path))
+        except RuntimeError as e:  # same size, other bytes, and not hashed (a large export without verify)
+            raise DamagedExport(f"{model_path}: not a loadable TorchScript model ({str(e).splitlines()[0]}); "
+                                "load with verify=True (`--verify`) to compare checksums") from None
+        if backend != "torchscript":  # a program written by `recsys export --program` (recsys.serving.exported)
+            from recsys.serving.exported import ProgramModel, load_program
+
+            if "torch_export" not in self.manifest:
+                raise ServingInputError(f"{folder}: no torch.export program; export it with --program")
+            self.model = ProgramModel(load_program(folder, backend))
         self.batch_size = batch_size
         self.last: dict[str, Any] = {}
         exported = self.manifest["versions"]["polars"]
@@ -65,11 +93,13 @@ class Scorer:
             warnings.warn(f"string ids are hashed with polars; this is polars {pl.__version__}, the export used "
                           f"{exported}: if the hash changed, string ids map to other rows", stacklevel=2)
 
-    def score(self, rows: Any, strict: bool = False) -> np.ndarray:
+    def score(self, rows: Any, strict: bool = False, labelled: bool = True) -> np.ndarray:
         """Click probabilities [N] float32 for raw rows, aligned with them.
 
         ``rows``: raw log lines in the export's format (one string or bytes with newlines, or a list of
-        lines; with or without the label column), or a polars/pandas DataFrame with the schema's columns.
+        lines; with the label column unless ``labelled`` is False: lines one field short are refused
+        otherwise, as a dropped column looks alike), or a polars/pandas DataFrame with the schema's columns
+        (with or without the label, by name).
         A row that preprocessing would reject scores NaN and is counted in ``last`` (``strict`` raises
         instead, naming line and column). A missing column raises ServingInputError naming it.
         """
@@ -78,7 +108,7 @@ class Scorer:
         if isinstance(rows, pl.DataFrame):
             data, source, prep = frame_rows(rows, self.preprocessing)
         else:
-            data, source, prep = text_rows(rows, self.preprocessing)
+            data, source, prep = text_rows(rows, self.preprocessing, labelled)
         prep = replace(prep, schema=replace(prep.schema, id_column=""))  # scores align with rows: no ids needed
         if not data:
             self.last = {"rows": 0, "bad_rows": 0, "errors": {}, "error_examples": [], "oov": {}}
@@ -88,8 +118,7 @@ class Scorer:
             result = transform(data, source, chunk, prep, strict)
         except BadInput as e:
             raise ServingInputError(str(bad_input_error(e, [source]))) from None
-        scores = np.full(result.result.lines, np.nan, dtype=np.float32)
-        scores[result.line] = self.score_rows(result)
+        scores = result.in_place(self.score_rows(result)).fill_null(np.nan).to_numpy()
         stats = PhaseStats()
         stats.add(result.result, [source])
         self.last = {"rows": stats.lines, "bad_rows": stats.bad, "errors": stats.errors,

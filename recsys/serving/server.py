@@ -55,6 +55,7 @@ class ServeConfig:
     max_wait_ms: float = 1.0
     threads: int = 1  # the model's intra-op threads per worker
     max_body_mb: float = 64.0
+    backend: str = "torchscript"  # the model file: recsys.serving.exported.BACKENDS
 
 
 class Metrics:
@@ -95,7 +96,7 @@ def load_export(folder: str, config: ServeConfig) -> Loaded:
     """Loads and warms an export (every request shape the batcher forms runs once); raises on a broken one."""
     from recsys.serving import load
 
-    scorer = load(folder, batch_size=config.max_batch_rows)
+    scorer = load(folder, batch_size=config.max_batch_rows, backend=config.backend)
     spec = RequestSchema(scorer.preprocessing.schema, config.max_batch_rows)
     for rows in WARMUP_ROWS:  # all-missing rows: the whole path (parse, ids, model) without sample data
         frame = pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=spec.dtype(c)) for c in spec.columns})

@@ -19,7 +19,7 @@ from recsys.config import UserError
 from recsys.data.layout import Columns
 from recsys.data.preprocess.base import OOV_ID, PreprocessError
 from recsys.data.preprocess.encode import encode
-from recsys.data.preprocess.parse import ChunkResult, chunk_result, parse_chunk
+from recsys.data.preprocess.parse import ChunkResult, chunk_result, parse_chunk, record_lines
 from recsys.data.preprocess.sources import (
     Chunk,
     Source,
@@ -58,40 +58,62 @@ class Rows:
     """Transformed rows of one chunk of input.
 
     ``columns``: labels [N] (-1 without a label column), dense [N, F_dense] float32, sparse [N, F_one_hot]
-    int32 table rows, multi-hot (values, lengths); ``line`` [N]: the chunk-local line of each row (bad rows
-    are left out); ``ids`` [N]: the schema's id column, or None; ``result``: line and bad-row counts;
+    int32 table rows, multi-hot (values, lengths); ``position`` [N]: the chunk-local record (input row) of
+    each good row, of ``records`` in the chunk (bad rows are left out: their positions are missing);
+    ``ids`` [N]: the schema's id column, or None; ``result``: line and bad-row counts;
     ``oov`` [F_sparse]: ids that went to the OOV row (unseen or rarer than ``min_count``), per feature.
     """
 
     columns: Columns
-    line: np.ndarray
+    position: np.ndarray
+    records: int
     ids: pl.Series | None
     result: ChunkResult
     oov: np.ndarray
 
+    def in_place(self, values: np.ndarray | pl.Series) -> pl.Series:
+        """[records] ``values`` ([N], one per good row) at their rows' positions, null for bad rows: output
+        rows stay aligned with input rows."""
+        values = pl.Series(values)
+        return pl.Series(values.name, [None] * self.records, dtype=values.dtype).scatter(self.position, values)
 
-def has_label(first_line: bytes, schema: Schema) -> bool:
-    """Whether rows shaped like ``first_line`` (a header for header schemas) carry the label column."""
+
+def has_label(first_line: bytes, schema: Schema, labelled: bool, where: str, flag: str) -> bool:
+    """Whether rows shaped like ``first_line`` carry the label column: a header says so by name; a line
+    without a header by its field count, but a line one field short of a labelled row is refused unless
+    ``labelled`` is False: a dropped column and a missing label look alike (``flag``: how the caller says
+    the rows are unlabelled)."""
     fields = first_line.rstrip(b"\r\n").decode("utf-8", errors="replace").split(schema.delimiter)
     if schema.header:
         return schema.label in fields
-    return len(fields) != len(schema.columns) - 1
+    if not schema.label or len(fields) == len(schema.columns):
+        return bool(schema.label)
+    if len(fields) != len(schema.columns) - 1:
+        return labelled  # a malformed line: the parser counts it
+    if labelled:
+        raise ServingInputError(
+            f"{where}:1: {len(fields)} fields, schema {schema.name} has {len(schema.columns)} with the label "
+            f"{schema.label!r} first: a column is missing, or the rows carry no label ({flag} says so)")
+    return False
 
 
-def input_preprocessing(paths: list[str], prep: Preprocessing) -> Preprocessing:
-    """The preprocessing for these files: with or without the label, which every file must agree on."""
-    labelled = set()
+def input_preprocessing(paths: list[str], prep: Preprocessing, labelled: bool = True) -> Preprocessing:
+    """The preprocessing for these files: with or without the label, which every file must agree on
+    (``labelled``: whether header-less files carry it, see :func:`has_label`)."""
+    labelled_files = set()
     for path in paths:
+        if os.path.isdir(path):
+            raise PreprocessError(f"{path}: a folder, not an input file: name the files in it")
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: no such input file")
         with open_text_stream(Source(path, None, gzip=is_gzip(path))) as fh:
             try:
-                labelled.add(has_label(fh.readline(), prep.schema))
+                labelled_files.add(has_label(fh.readline(), prep.schema, labelled, path, "--unlabelled"))
             except (EOFError, OSError) as e:
                 raise PreprocessError(f"{path}: unreadable: {e}") from None
-    if len(labelled) > 1:
+    if len(labelled_files) > 1:
         raise PreprocessError(f"the inputs mix files with and without the label column {prep.schema.label!r}")
-    return prep.for_rows(labelled.pop() if labelled else True)
+    return prep.for_rows(labelled_files.pop() if labelled_files else labelled)
 
 
 def oov_counts(columns: Columns, schema: Schema) -> np.ndarray:
@@ -119,7 +141,9 @@ def transform(data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, st
     columns, _ = encode(parsed, schema, "rows", prep.vocab_dir)
     ids = _row_ids(data, parsed.line, source, schema) if schema.id_column else None
     result = chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
-    return Rows(columns, parsed.line, ids, result, oov_counts(columns, schema))
+    records = record_lines(data, schema) if schema.quote else np.arange(parsed.lines)
+    position = np.searchsorted(records, parsed.line)
+    return Rows(columns, position, len(records), ids, result, oov_counts(columns, schema))
 
 
 @dataclass
@@ -136,11 +160,12 @@ def transform_task(job: FileJob, chunk: Chunk) -> Rows:
     return transform(read_chunk(chunk, source), source, chunk, job.prep, job.strict)
 
 
-def text_rows(rows: str | bytes | list, prep: Preprocessing) -> tuple[bytes, Source, Preprocessing]:
+def text_rows(rows: str | bytes | list, prep: Preprocessing, labelled: bool = True) -> tuple[bytes, Source, Preprocessing]:
     """Raw log lines (one string with newlines, or a list of lines) -> (bytes, source, preprocessing).
 
-    Lines follow the schema's column order, with or without the label column; a header schema's lines
-    may start with the header, which then gives the column order.
+    Lines follow the schema's column order, with the label column unless ``labelled`` is False; a header
+    schema's lines may start with the header, which then gives the column order (and says whether the
+    label is there).
     """
     if isinstance(rows, (list, tuple)):
         rows = "".join(r if r.endswith("\n") else r + "\n" for r in (x.decode() if isinstance(x, bytes) else x for x in rows))
@@ -153,7 +178,7 @@ def text_rows(rows: str | bytes | list, prep: Preprocessing) -> tuple[bytes, Sou
         return rest, Source("<rows>", None, columns=fields), prep
     if not schema.columns:
         raise ServingInputError(f"schema {schema.name} lists no columns: start the lines with a header, or pass a DataFrame")
-    prep = prep.for_rows(not data or has_label(first, schema))
+    prep = prep.for_rows(has_label(first, schema, labelled, "<rows>", "labelled=False") if data else labelled)
     return data, Source("<rows>", None, columns=prep.schema.columns), prep
 
 

@@ -61,7 +61,8 @@ def all_rows(split: ShardedSplit) -> tuple[np.ndarray, np.ndarray, dict[str, np.
 
 
 @pytest.mark.parametrize("lookup", ["reference", "hash"])
-def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str) -> None:
+def test_lookup_blocks_match_reference(tmp_path: Path, lookup: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("recsys.data.multi_hot.WINDOW_BYTES", 1000)  # gathers map a few rows at a time
     expansion = Expansion(SIZES, TABLES, lookup)
     table = Lookup.build(expansion, tmp_path / "lookup", block_bytes=12 * 11 * 64)  # several blocks per table
     ids = np.array([0, 1, 999, 4999, 1000, 1])
@@ -117,3 +118,27 @@ def test_bad_inputs_name_the_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
     (days / "day_1_dense.npy").unlink()
     assert preprocess(str(days), "--out", str(tmp_path / "x"), "--table-sizes", "1,2,3,4,5") == 2
     assert "day 1 lacks ['dense']" in capsys.readouterr().err
+
+
+def test_in_place_days_read_as_torchrecs_own_reader(tmp_path: Path) -> None:
+    """The index reads the rows, ids (capped) and val/test halves TorchRec's InMemoryBinaryCriteoIterDataPipe
+    reads from the same files (it needs iopath: the test extra installs it)."""
+    from torchrec.datasets.criteo import InMemoryBinaryCriteoIterDataPipe
+
+    root, tables = tmp_path / "days", [7 + 3 * t for t in range(26)]
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for day, rows in enumerate([300, 201]):
+        np.save(root / f"day_{day}_labels.npy", rng.integers(0, 2, (rows, 1)).astype(np.int32))
+        np.save(root / f"day_{day}_dense.npy", rng.random((rows, 13)).astype(np.float32))
+        np.save(root / f"day_{day}_sparse.npy", rng.integers(0, 1000, (rows, 26)).astype(np.int32))
+    write_index(root, tmp_path / "index", tables)
+    for stage, rows in (("train", 300), ("val", 101), ("test", 100)):
+        days = [0] if stage == "train" else [1]
+        paths = {kind: [str(root / f"day_{d}_{kind}.npy") for d in days] for kind in ("dense", "sparse", "labels")}
+        (theirs,) = InMemoryBinaryCriteoIterDataPipe(stage, paths["dense"], paths["sparse"], paths["labels"],
+                                                      batch_size=rows, rank=0, world_size=1, hashes=tables)  # fmt: skip
+        (ours,) = ShardedSplit(tmp_path / "index" / stage).batches(rows, prefetch=0)
+        np.testing.assert_array_equal(ours.labels.numpy(), theirs.labels.numpy())
+        np.testing.assert_array_equal(ours.dense_features.numpy(), theirs.dense_features.numpy())
+        np.testing.assert_array_equal(ours.sparse_features.values().numpy(), theirs.sparse_features.values().numpy())

@@ -133,3 +133,16 @@ def test_a_bad_value_stops_training_with_one_line(copy: Path, tmp_path: Path, ca
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.search(r"^recsys train: error: .*labels.npy: row 3: label 7", err), err
+
+
+def test_a_truncated_or_retyped_shard_array_is_refused_at_load(copy: Path) -> None:
+    shard = sorted((copy / "train").glob("part-*"))[0]
+    labels = np.load(shard / "labels.npy")
+    np.save(shard / "labels.npy", labels.astype(np.float64) / 2)  # 0.5 would pass a 0..1 range check
+    with pytest.raises(ShardError, match=re.escape(str(shard / "labels.npy")) + ": holds float64 values, not integers"):
+        ShardedSplit(copy / "train")
+    np.save(shard / "labels.npy", labels)
+    dense = (shard / "dense.npy").read_bytes()
+    (shard / "dense.npy").write_bytes(dense[: len(dense) // 2])  # numpy: "mmap length is greater than file size"
+    with pytest.raises(ShardError, match=re.escape(str(shard)) + ": an array is unreadable .*truncated or not a .npy"):
+        ShardedSplit(copy / "train")

@@ -27,13 +27,13 @@ def train_verified_counting_hashes(config: dict[str, Any]) -> dict[str, Any]:
     """``recsys train --verify`` on this rank, counting the files it hashes (checkpoints and shards).
 
     Returns ``{"hashed": n}``, plus ``"error"`` when the run raised."""
-    import recsys.checkpoint
     import recsys.data.layout
+    import recsys.integrity
     from recsys.config import config_from_dict
     from recsys.train import train
 
     hashed: list[Any] = []
-    for module, name in ((recsys.checkpoint, "_sha256"), (recsys.data.layout, "file_checksum")):
+    for module, name in ((recsys.integrity, "sha256"), (recsys.data.layout, "file_checksum")):
         real = getattr(module, name)
         setattr(module, name, lambda *args, real=real: hashed.append(args) or real(*args))
     try:

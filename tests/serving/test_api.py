@@ -28,7 +28,10 @@ def test_score_lines_and_frames_with_training_transforms(serving_run) -> None:
     scores = scorer.score(lines)
     assert scores.shape == (64,) and scores.dtype == np.float32 and np.isfinite(scores).all()
     assert np.array_equal(scorer.score("\n".join(lines)), scores)
-    assert np.array_equal(scorer.score([line.split("\t", 1)[1] for line in lines]), scores)  # no label column
+    unlabelled = [line.split("\t", 1)[1] for line in lines]
+    assert np.array_equal(scorer.score(unlabelled, labelled=False), scores)  # no label column
+    with pytest.raises(ServingInputError, match=r"<rows>:1: 39 fields, schema criteo has 40 .*labelled=False"):
+        scorer.score(unlabelled)  # one field short: a dropped column looks alike
     frame = _frame(lines)
     assert np.array_equal(scorer.score(frame), scores)
     assert np.array_equal(scorer.score(frame.drop("label")), scores)

@@ -40,17 +40,18 @@ def test_unlabelled_gzip_and_empty_inputs(serving_run, tmp_path: Path) -> None:
         fh.writelines(line.split("\t", 1)[1] for line in lines)
     (tmp_path / "labelled.tsv").write_text("".join(lines))
     (tmp_path / "empty.tsv").write_text("")
-    assert _predict(serving_run.export, tmp_path / "a.csv", unlabelled, tmp_path / "empty.tsv") == 0
+    assert _predict(serving_run.export, tmp_path / "a.csv", unlabelled, tmp_path / "empty.tsv", flags=("--unlabelled",)) == 0
     assert _predict(serving_run.export, tmp_path / "b.csv", tmp_path / "labelled.tsv") == 0
     a, b = pl.read_csv(tmp_path / "a.csv"), pl.read_csv(tmp_path / "b.csv")
     assert a.columns == ["score"] and a["score"].to_list() == b["score"].to_list()
     assert _predict(serving_run.export, tmp_path / "none.parquet", tmp_path / "empty.tsv") == 0
     assert pl.read_parquet(tmp_path / "none.parquet").shape == (0, 2)
     with pytest.raises(PreprocessError, match="mix files with and without the label"):
-        predict(serving_run.export, [str(unlabelled), str(tmp_path / "labelled.tsv")], tmp_path / "c.csv", progress=False)
+        predict(serving_run.export, [str(unlabelled), str(tmp_path / "labelled.tsv")], tmp_path / "c.csv", progress=False,
+                labelled=False)
 
 
-def test_bad_rows_are_skipped_and_counted_as_preprocessing_does(serving_run, tmp_path: Path, capsys) -> None:
+def test_bad_rows_are_counted_as_preprocessing_does_and_scored_nan_in_place(serving_run, tmp_path: Path, capsys) -> None:
     lines = (serving_run.raw / "test.tsv").read_text().splitlines(keepends=True)[:400]
     fields = lines[5].rstrip("\n").split("\t")
     bad = {
@@ -61,11 +62,15 @@ def test_bad_rows_are_skipped_and_counted_as_preprocessing_does(serving_run, tmp
     path = tmp_path / "logs.tsv"
     path.write_text("".join(bad.get(i, line) for i, line in enumerate(lines)))
     report = predict(serving_run.export, [str(path)], tmp_path / "scores.csv", progress=False)
-    assert report["rows"] == 397 and report["bad_rows"] == 3
+    assert report["rows"] == 400 and report["bad_rows"] == 3
     assert report["errors"] == {"columns": 1, "label": 1, "dense": 0, "sparse": 1, "truncated": 0}
     assert [e.split(": ")[0] for e in report["error_examples"]] == [f"{path}:4", f"{path}:9", f"{path}:13"]
     assert "column 'C1'" in report["error_examples"][2]
-    assert pl.read_csv(tmp_path / "scores.csv").height == 397
+    scores = pl.read_csv(tmp_path / "scores.csv")  # output row i is input line i+1: NaN (and no label) if bad
+    assert scores.height == 400 and scores["score"].is_nan().arg_true().to_list() == sorted(bad)
+    assert scores["label"].is_null().arg_true().to_list() == sorted(bad)
+    good = [i for i in range(400) if i not in bad]
+    assert scores["label"].gather(good).to_list() == [int(lines[i][0]) for i in good]
 
     assert _predict(serving_run.export, tmp_path / "strict.csv", path, flags=("--strict",)) == 2
     assert f"{path}:4:-: columns error" in capsys.readouterr().err

@@ -50,6 +50,8 @@ class Settings:
     reuses: ``stat`` (path, size and mtime; free) or ``content`` (path, size and a blake2b hash of the bytes,
     read once per run): with ``content`` a copied file whose mtime lies still reuses or invalidates
     correctly; ``stat`` misses a change that keeps both the size and the mtime (``os.utime``).
+    ``out`` is locked while a run writes it, and a folder with files of something else is refused unless
+    ``overwrite`` (its files then stay beside the output, except those of the same name).
     """
 
     out: str
@@ -67,6 +69,7 @@ class Settings:
     accept_truncated: bool = False  # keep the rows before a gzip stream breaks instead of failing
     progress: bool = True
     fingerprint: str = "stat"
+    overwrite: bool = False  # write into an ``out`` holding files this tool did not write
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

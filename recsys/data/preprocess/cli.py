@@ -61,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what identifies an input when deciding what a re-run reuses: stat (size and "
                         "mtime; default, free; misses a change that keeps both) or content (a hash of the bytes, "
                         "read once per run; for copied files whose mtimes lie)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out folder that holds files recsys preprocess did not write "
+                        "(refused otherwise); files of the same name are replaced")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--multi-hot-sizes", metavar="SIZES",
                         help="MLPerf DLRM-DCNv2's multi-hot expansion of a one-hot folder input: ids per table, "
@@ -124,7 +127,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         shuffle=args.shuffle, shard_rows=args.shard_rows, chunk_bytes=int(args.chunk_mb * 2**20),
         workers=args.workers, max_memory_gb=args.max_memory_gb, strict=args.strict,
         max_bad_fraction=args.max_bad_fraction, accept_truncated=args.accept_truncated,
-        progress=not args.no_progress, fingerprint=args.fingerprint,
+        progress=not args.no_progress, fingerprint=args.fingerprint, overwrite=args.overwrite,
     )  # fmt: skip
     try:
         metadata = run(settings, load_schema(args.schema, overrides))

@@ -13,6 +13,7 @@ pages leave with the map. The block is sized so that workers x block fits ``max_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,13 +26,12 @@ import numpy as np
 from tqdm import tqdm
 
 from recsys.data.layout import file_checksum, multi_hot_arrays
-from recsys.data.multi_hot import Expansion, Lookup, NpyWriter
+from recsys.data.multi_hot import WINDOW_BYTES, Expansion, Lookup, NpyWriter
 from recsys.data.preprocess.base import MAIN_BASE_BYTES, WORKER_BASE_BYTES, PreprocessError, write_json_atomic
 from recsys.data.preprocess.pool import Pool
 from recsys.data.preprocess.writer import shard_is_current
 from recsys.data.torchrec_days import ArrayRef, DaysError, day_splits, feature_names, find_days, npy_ref
 
-PAGE = 4096  # a gather from a large memory-mapped lookup touches about one page per id row
 
 
 @dataclass
@@ -141,33 +141,29 @@ def expand_task(ctx: ExpandContext, task: ExpandTask) -> dict:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writers = {"labels": NpyWriter(tmp / "labels.npy", np.int8, (rows,)),
-               "dense": NpyWriter(tmp / "dense.npy", np.float32, (rows, dense_width)),
-               "sparse": NpyWriter(tmp / "sparse.npy", np.int32, (rows, len(one_hot)))}  # fmt: skip
-    for t in multi:
-        name = multi_hot_arrays(ctx.features[t])[0]
-        writers[name] = NpyWriter(tmp / f"{name}.npy", np.int32, (rows, expansion.sizes[t]))
+    names = {t: multi_hot_arrays(ctx.features[t])[0] for t in multi}
     top = dict.fromkeys(ctx.features, -1)
     positives = 0
-    for piece in task.pieces:
-        for lo in range(piece.start, piece.stop, ctx.block_rows):
-            count = min(ctx.block_rows, piece.stop - lo)
-            labels = piece.arrays["labels"].read(lo, count).reshape(-1)
-            positives += int((labels > 0).sum())
-            writers["labels"].write(labels)
-            writers["dense"].write(piece.arrays["dense"].read(lo, count))
-            ids = piece.arrays["sparse"].read(lo, count)
-            columns = np.stack([lookup.expand(t, ids[:, t])[:, 0] for t in one_hot], axis=1) if one_hot else (
-                np.zeros((count, 0), dtype=np.int32))
-            writers["sparse"].write(columns)
-            for t, column in zip(one_hot, columns.T):
-                top[ctx.features[t]] = max(top[ctx.features[t]], int(column.max(initial=-1)))
-            for t in multi:
-                values = lookup.expand(t, ids[:, t])
-                writers[multi_hot_arrays(ctx.features[t])[0]].write(values)
-                top[ctx.features[t]] = max(top[ctx.features[t]], int(values.max(initial=-1)))
-    for writer in writers.values():
-        writer.__exit__(None)
+    with contextlib.ExitStack() as files:
+        writers = {name: files.enter_context(NpyWriter(tmp / f"{name}.npy", dtype, shape)) for name, dtype, shape in (
+            ("labels", np.int8, (rows,)), ("dense", np.float32, (rows, dense_width)),
+            ("sparse", np.int32, (rows, len(one_hot))), *((names[t], np.int32, (rows, expansion.sizes[t])) for t in multi))}
+        for piece in task.pieces:
+            for lo in range(piece.start, piece.stop, ctx.block_rows):
+                count = min(ctx.block_rows, piece.stop - lo)
+                labels = piece.arrays["labels"].read(lo, count).reshape(-1)
+                positives += int((labels > 0).sum())
+                writers["labels"].write(labels)
+                writers["dense"].write(piece.arrays["dense"].read(lo, count))
+                ids = piece.arrays["sparse"].read(lo, count)
+                expanded = {t: lookup.expand(t, ids[:, t]) for t in one_hot}  # [count, 1] each
+                writers["sparse"].write(np.concatenate([expanded[t] for t in one_hot], axis=1) if one_hot
+                                        else np.zeros((count, 0), dtype=np.int32))  # fmt: skip
+                for t in multi:
+                    expanded[t] = lookup.expand(t, ids[:, t])
+                    writers[names[t]].write(expanded[t])
+                for t, values in expanded.items():
+                    top[ctx.features[t]] = max(top[ctx.features[t]], int(values.max(initial=-1)))
     checksums = {f"{name}.npy": file_checksum(tmp / f"{name}.npy") for name in writers}
     record = {"name": final.name, "rows": rows, "fingerprint": ctx.fingerprint, "checksums": checksums,
               "positives": positives, "max_ids": {f: v for f, v in top.items() if v >= 0}}  # fmt: skip
@@ -178,14 +174,15 @@ def expand_task(ctx: ExpandContext, task: ExpandTask) -> dict:
 
 
 def plan_expansion(expansion: Expansion, dense: int, max_memory_gb: float, workers: int) -> tuple[int, int]:
-    """(workers, block rows) within ``max_memory_gb``: a block row costs its input and output bytes, int64
-    temporaries of the widest feature and, for the reference lookup, a page of the mapped table."""
+    """(workers, block rows) within ``max_memory_gb``: a block row costs its input and output bytes and int64
+    temporaries of the widest feature; a worker also maps a window of the reference lookup."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     widest = max(expansion.sizes)
-    row_bytes = 4 * (1 + dense + 2 * len(expansion.sizes)) + 5 * 8 * widest + (PAGE if expansion.lookup == "reference" else 0)
+    row_bytes = 4 * (1 + dense + 2 * len(expansion.sizes)) + 5 * 8 * widest
+    base = WORKER_BASE_BYTES + (WINDOW_BYTES if expansion.lookup == "reference" else 0)
     budget = max_memory_gb * (1 << 30) - MAIN_BASE_BYTES
-    workers = max(1, min(workers or cores, int(budget // (WORKER_BASE_BYTES + 1024 * row_bytes))))
-    block = int((budget / workers - WORKER_BASE_BYTES) // row_bytes)
+    workers = max(1, min(workers or cores, int(budget // (base + 1024 * row_bytes))))
+    block = int((budget / workers - base) // row_bytes)
     if block < 1024:
         raise PreprocessError(f"max_memory_gb={max_memory_gb} leaves no room for a block of rows "
                               f"({row_bytes} bytes each); raise it")
@@ -255,7 +252,7 @@ def expand(path: str, out: str, sizes: list[int], lookup: str = "reference", see
     multi = [f for f, m in zip(features["sparse"], sizes) if m > 1]
     metadata = {
         "tool": "recsys preprocess --multi-hot-sizes", "fingerprint": fingerprint, "source": source,
-        "features": {**features, "multi_hot": multi},
+        "features": {**features, "multi_hot": multi, "group": None},  # groups.npy is not carried over
         "table_sizes": dict(zip(features["sparse"], tables)),
         "multi_hot_expansion": {**expansion.to_dict(), "ids_per_row": sum(sizes),
                                 "reproduces_reference_bytes": lookup == "reference"},

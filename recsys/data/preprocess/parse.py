@@ -48,8 +48,9 @@ class Parsed:
     labels: np.ndarray  # [N] int8
     dense: np.ndarray  # [N, F_dense] float64, NaN = missing
     sparse: dict[str, pl.Series]  # parsed tokens of the id columns (Int64 or Utf8, null = missing); multi-hot: lists
-    errors: dict[str, int]
+    errors: dict[str, int]  # bad rows by kind: a row counts once per kind, whatever the bad fields of that kind
     examples: list[BadRow]
+    bad: int = 0  # bad rows (records), each counted once however many of its fields are bad
 
 
 def _records(data: bytes, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
@@ -69,6 +70,14 @@ def _records(data: bytes, schema: Schema) -> tuple[np.ndarray, np.ndarray, np.nd
         ends = np.append(ends, len(data) - 1)
     starts = np.concatenate([[0], ends[:-1] + 1])
     return ends, separators[outside[separators]], np.searchsorted(newlines, starts), len(newlines), open_quote
+
+
+def record_lines(data: bytes, schema: Schema) -> np.ndarray:
+    """[R] the chunk-local first line of each record of ``data``: every line, unless quoted fields hold
+    newlines (``recsys predict`` writes one output row per record)."""
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    return _records(data, schema)[2]
 
 
 def _field_counts(ends: np.ndarray, separators: np.ndarray, ncols: int) -> np.ndarray:
@@ -174,11 +183,11 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
             return clean
     ends, separators, first_line, nlines, open_quote = _records(data, schema)
     nrecords = len(ends)
-    errors = dict.fromkeys(ERROR_KINDS, 0)
+    kind_of = {kind: np.zeros(nrecords, dtype=bool) for kind in ERROR_KINDS}
     bad_lines: list[tuple[int, BadRow]] = []
 
     def record(bad_records: np.ndarray, kind: str, column: str, values: Iterable[str]) -> None:
-        errors[kind] += int(len(bad_records))
+        kind_of[kind][bad_records] = True
         for line, value in zip(first_line[bad_records[:MAX_EXAMPLES]].tolist(), values):
             bad_lines.append((line, BadRow(kind, line, column, value)))
 
@@ -216,7 +225,8 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
     exprs = [pl.col(schema.label).is_in(["0", "1"]).fill_null(False).alias("__label_ok"),
              pl.col(schema.label).cast(pl.Int8, strict=False).alias(schema.label)] if schema.label else []
     for name in schema.dense:
-        exprs.append(pl.col(name).cast(pl.Float64, strict=False).alias(f"__d_{name}"))
+        # Blanks around a number are ignored and a blank field is missing, as the fast path's CSV reader does.
+        exprs.append(pl.col(name).str.strip_chars().cast(pl.Float64, strict=False).alias(f"__d_{name}"))
     parsed = frame.with_columns(exprs)
     all_tokens = _sparse_tokens(frame, schema)
 
@@ -232,7 +242,7 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
     dense = np.empty((frame.height, len(schema.dense)), dtype=np.float64)
     for j, name in enumerate(schema.dense):
         values = parsed[f"__d_{name}"].to_numpy()
-        bad = frame[name].is_not_null().to_numpy() & ~np.isfinite(values)
+        bad = (frame[name].str.strip_chars().str.len_bytes() > 0).fill_null(False).to_numpy() & ~np.isfinite(values)
         check(bad, "dense", name)
         bad_any |= bad
         dense[:, j] = values
@@ -262,7 +272,8 @@ def parse_chunk(data: bytes, source: Source, schema: Schema, chunk: Chunk, stric
         dense = dense[good]
     labels = (parsed[schema.label].to_numpy()[good].astype(np.int8) if schema.label else
               np.full(len(good), NO_LABEL, dtype=np.int8))
-    return Parsed(nlines, first_line[line_of_row[good]], labels, dense, sparse, errors, examples)
+    errors = {kind: int(rows.sum()) for kind, rows in kind_of.items()}
+    return Parsed(nlines, first_line[line_of_row[good]], labels, dense, sparse, errors, examples, nrecords - len(good))
 
 
 def split_of_rows(chunk: Chunk, source: Source, parsed: Parsed, ctx: Context) -> np.ndarray:
@@ -292,14 +303,16 @@ class ChunkResult:
     first_line: int | None
     good: int = 0
     seconds: float = 0.0
+    bad: int = 0
 
 
 def chunk_result(chunk: Chunk, parsed: Parsed, rows: dict[str, int], started: float) -> ChunkResult:
     return ChunkResult(chunk.key, chunk.source, parsed.lines, rows, parsed.errors, parsed.examples,
-                       chunk.first_line, len(parsed.labels), time.perf_counter() - started)
+                       chunk.first_line, len(parsed.labels), time.perf_counter() - started, parsed.bad)
 
 
 def load_result(path: Path) -> ChunkResult:
     values = json.loads(path.read_text())
     values["examples"] = [BadRow(**e) for e in values["examples"]]
+    values.setdefault("bad", sum(values["errors"].values()))  # written before rows were counted once
     return ChunkResult(**values)

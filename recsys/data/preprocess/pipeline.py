@@ -79,6 +79,8 @@ from recsys.data.preprocess.sources import (
 from recsys.data.preprocess.vocabulary import build_vocab, write_chunk_counts
 from recsys.data.preprocess.writer import shard_is_current, write_shards
 from recsys.data.schema import Schema
+from recsys.integrity import naming_path
+from recsys.runlock import LOCK, run_dir_lock
 
 
 def encode_task(ctx: Context, chunk: Chunk) -> ChunkResult:
@@ -135,7 +137,7 @@ def fingerprint(settings: Settings, schema: Schema, sources: list[Source]) -> st
     """Everything the output depends on; worker count, memory and progress settings excluded."""
     # ``fingerprint`` (the mode) shows in the inputs' entries; left out here, stat fingerprints stay as before.
     relevant = {k: v for k, v in asdict(settings).items() if k not in ("workers", "max_memory_gb", "progress",
-                                                                          "strict", "out", "fingerprint")}
+                                                                          "strict", "out", "fingerprint", "overwrite")}
     payload = {
         "format": FORMAT_VERSION, "polars": pl.__version__, "numpy": np.__version__,
         "schema": schema.to_dict(), "settings": relevant,
@@ -181,7 +183,7 @@ class PhaseStats:
         self.lines += result.lines
         for kind, n in result.errors.items():
             self.errors[kind] += n
-        self.bad = sum(self.errors.values())
+        self.bad += result.bad
 
     def check(self, max_bad_fraction: float) -> None:
         """PreprocessError when more than ``max_bad_fraction`` of the lines were malformed."""
@@ -253,10 +255,48 @@ def _run_chunks(
     return ordered, stats
 
 
+def _claim(out: Path, overwrite: bool) -> None:
+    """PreprocessError when ``out`` holds files and none of them is this tool's (unless ``overwrite``): its
+    ``metadata.json`` (with ``tool``), an unfinished run's ``.work``, shards (``<split>/part-*/shard.json``)
+    or a vocabulary (``vocab/vocab.json``) left by a run whose metadata is gone; an empty folder is free."""
+    if overwrite or not out.is_dir() or (out / ".work").is_dir() or (out / "vocab" / "vocab.json").is_file():
+        return
+    try:
+        ours = json.loads((out / "metadata.json").read_text()).get("tool") == "recsys preprocess"
+    except (OSError, ValueError, AttributeError):
+        ours = any(out.glob("*/part-*/shard.json"))
+    others = sorted(p.name for p in out.iterdir() if p.name != LOCK)
+    if others and not ours:
+        raise PreprocessError(f"--out {out} holds files `recsys preprocess` did not write ({', '.join(others[:5])}"
+                              f"{', ...' if len(others) > 5 else ''}): choose a new or empty folder, or pass "
+                              "--overwrite to write into it anyway")
+
+
 def run(settings: Settings, schema: Schema) -> dict:
-    """Runs the whole pipeline; returns the metadata written to ``OUT/metadata.json``."""
+    """Runs the whole pipeline; returns the metadata written to ``OUT/metadata.json``. Holds ``OUT/.lock``
+    while it runs (``recsys.runlock``): a second run into the same folder stops at once."""
     if settings.shard_rows <= 0 or settings.chunk_bytes <= 0:
         raise PreprocessError("shard_rows and chunk_bytes must be positive")
+    with run_dir_lock(settings.out, "--out"), naming_path(settings.out):
+        _claim(Path(settings.out), settings.overwrite)
+        try:
+            return _run(settings, schema)
+        except BaseException:  # a full disk, bad input, Ctrl-C: finished work stays for a re-run, partial files go
+            _remove_temporaries(Path(settings.out))
+            raise
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Deletes what a failed run was writing under ``out`` (``.<name>.tmp`` files and folders): a failed
+    write on a full disk must not keep the disk full."""
+    for path in sorted(out.rglob(".*.tmp*"), key=lambda p: len(p.parts)):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _run(settings: Settings, schema: Schema) -> dict:
     started = time.perf_counter()
     sources, split_names = make_sources(settings, schema)
     if schema.sparse_mode == "vocab" and "train" not in split_names:

@@ -9,6 +9,7 @@ import multiprocessing.forkserver
 import os
 import re
 import select
+import signal
 import threading
 import time
 from pathlib import Path
@@ -83,6 +84,9 @@ def _alive(pid: int) -> bool:
 def _worker_init(parent: int) -> None:
     # One polars thread per worker process: the pool already uses every core.
     os.environ["POLARS_MAX_THREADS"] = "1"
+    # Ctrl-C reaches the whole process group: the owner stops the pool and says so once; a worker would
+    # print its own KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with(parent)
 
 
