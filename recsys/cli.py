@@ -6,9 +6,13 @@ import argparse
 import errno
 import json
 import sys
+import time
 from typing import Any
 
 from recsys.config import UserError
+
+# Before torch and the model load: `recsys predict` reports its rate over the whole command.
+STARTED = time.perf_counter()
 from recsys.install_check import check_install
 
 
@@ -81,7 +85,7 @@ def _predict(args: argparse.Namespace) -> int:
         max_bad_fraction=args.max_bad_fraction, chunk_bytes=int(args.chunk_mb * 2**20),
         max_memory_gb=args.max_memory_gb, batch_size=args.batch_size, threads=args.threads,
         progress=not args.no_progress, verify=args.verify or None, labelled=not args.unlabelled,
-        accept_truncated=args.accept_truncated,
+        accept_truncated=args.accept_truncated, keep_columns=args.keep_columns, started=STARTED,
     )  # fmt: skip
     print(summarize(report))
     return 0
@@ -263,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--verify", action="store_true",
                     help="compare the sha256 of every file of the export with its manifest (sizes are always "
                     "compared; checksums too by default when the files total at most 256 MiB)")
+    pr.add_argument("--keep-columns", type=lambda text: [c.strip() for c in text.split(",") if c.strip()], default=[],
+                    metavar="COL,COL", help="input columns copied next to each score, as read (e.g. user_id,item_id, "
+                    "to join the scores back); the schema's id_column is always copied")
     pr.set_defaults(func=_predict)
 
     sv = sub.add_parser(

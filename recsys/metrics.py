@@ -5,7 +5,7 @@ process group), never an average of per-rank AUCs. NE (normalized entropy) = log
 base rate, as in He et al. 2014. Calibration = mean predicted CTR / observed CTR (1 = calibrated). GAUC
 (FuxiCTR's definition) = the impression-weighted mean of per-group AUCs over groups holding both classes,
 computed from every rank's (group, score, label) rows gathered whole, so it is exact whatever the number
-of ranks. The reliability diagram's buckets (equal-width in predicted CTR) are sums reduced over ranks.
+of ranks. The reliability diagram's buckets (equally wide in logit) are sums reduced over ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from recsys.config import UserError
 
-RELIABILITY_BUCKETS = 20
+# Reliability buckets of predicted CTR equally wide in logit: 0.5 from -7 to 7 (p = 0.0009 .. 0.9991; the end
+# buckets open), so a model at a real CTR of 2-3% spreads over about ten buckets, where buckets of 0.05 in
+# probability put nearly every row into the first.
+RELIABILITY_LOGIT_EDGES = torch.linspace(-7.0, 7.0, 29, dtype=torch.float64)
+RELIABILITY_BUCKETS = len(RELIABILITY_LOGIT_EDGES) - 1
 
 
 class CTRMetrics:
@@ -45,7 +49,8 @@ class CTRMetrics:
         self.metrics["auc"].update(probs, labels.long())
         self.metrics["loss_sum"].update(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
         nonfinite = ~torch.isfinite(logits)
-        bucket = (probs * RELIABILITY_BUCKETS).long().clamp_(0, RELIABILITY_BUCKETS - 1).masked_fill_(nonfinite, 0)
+        inner = RELIABILITY_LOGIT_EDGES[1:-1].to(device=logits.device, dtype=logits.dtype)
+        bucket = torch.bucketize(logits, inner, right=True).masked_fill_(nonfinite, 0)
         for row, values in enumerate((torch.ones_like(probs), probs, labels, nonfinite)):
             self.buckets[row].index_add_(0, bucket, values.double())
         if self.grouped:
@@ -71,7 +76,8 @@ class CTRMetrics:
         """Per non-empty bucket of predicted CTR: its range, rows, mean prediction and observed CTR."""
         rows, predicted, clicks, _ = self._all_buckets().numpy()
         seen = rows > 0
-        edges = np.arange(RELIABILITY_BUCKETS + 1) / RELIABILITY_BUCKETS
+        edges = torch.sigmoid(RELIABILITY_LOGIT_EDGES).numpy()
+        edges[0], edges[-1] = 0.0, 1.0  # the end buckets are open
         return {
             "low": edges[:-1][seen].tolist(),
             "high": edges[1:][seen].tolist(),

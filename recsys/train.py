@@ -414,7 +414,7 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     if signum := stop.requested(env.device):  # a signal during the last step's checkpoint: no final evaluation
         raise TrainingStopped(signum, progress["step"], str(guard.last_checkpoint))
     reason = target.stop_reason() or stop_reason(stopper, progress["step"], max_steps, cfg_train.max_steps)
-    logger.event("stop", progress["step"], **reason)
+    logger.event("stop", progress["step"], **reason, best_step=stopper.monitor.best_step)  # -1: none kept
     if env.is_main:
         print(f"stopped at step {progress['step']}: {reason['detail']}")
     if config.early_stopping.enabled and stopper.monitor.best_step not in (-1, progress["step"]):

@@ -34,3 +34,25 @@ def test_no_reliability_rows_no_reliability_plot(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     _write(run_dir, [{"stage": "train", "step": 1, "loss": 0.6}])
     assert write_plots(run_dir) == [run_dir / "plots" / "curves.png"]
+
+
+def test_a_person_can_read_them_at_a_real_ctr(tmp_path: Path) -> None:
+    from recsys.plots import _curves_figure, _reliability_figure
+
+    rows = [{"stage": "train", "step": s, "loss": 0.2, "lr_dense": 1e-3} for s in range(1, 9)]
+    rows += [{"stage": "val", "step": s, "logloss": 0.12, "auc": 0.7} for s in (4, 8)]
+    rows += [{"stage": "stop", "step": 8, "reason": "epochs", "best_step": 4}]
+    curves = _curves_figure(rows, "criteo_small")
+    assert curves._suptitle.get_text() == "run criteo_small"
+    loss_ax, auc_ax, _ = curves.axes
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in curves.axes] == [
+        ("training step", "logloss (BCE)"), ("training step", "AUC"), ("training step", "learning rate")]
+    assert "best checkpoint (step 4)" in [line.get_label() for line in auc_ax.lines]
+    # 2.6% CTR: the buckets spread over 0.5%-20% and stay apart on logit axes, each labelled with its rows
+    last = {"step": 8, "split": "test", "predicted": [0.006, 0.011, 0.025, 0.05, 0.2], "observed": [0.0, 0.01, 0.03, 0.06, 0.15],
+            "rows": [2100, 4000, 2900, 900, 100]}  # fmt: skip
+    reliability = _reliability_figure(last, "criteo_small")
+    ax, count_ax = reliability.axes
+    assert ax.get_xscale() == ax.get_yscale() == "logit" and "criteo_small" in ax.get_title()
+    assert [t.get_text() for t in ax.texts] == ["2,100", "4,000", "2,900", "900", "100"]
+    assert count_ax.get_ylabel() == "rows per bucket" and len(count_ax.patches) == 5

@@ -61,7 +61,9 @@ def prepare(work: Path, regime: str, rows: int, scale: float) -> Path:
     return work / f"multi_hot_{regime}"
 
 
-def measure(shards: Path, kernel: str, device: str, batch: int, warmup: int, steps: int, run_dir: Path) -> dict[str, Any]:
+def measure(
+    shards: Path, kernel: str, device: str, batch: int, warmup: int, steps: int, run_dir: Path
+) -> dict[str, Any]:
     """Samples/s of ``steps`` training steps after ``warmup`` (this process: run it fresh per kernel)."""
     import torch
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -143,8 +145,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for regime in args.regimes.split(","):
             shards = prepare(work, regime, args.rows, args.table_scale)
             for kernel in args.kernels.split(","):
-                child = [sys.executable, __file__, "--measure", str(shards), kernel, "--device", args.device,
-                         "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+                child = [sys.executable, __file__, "--measure", str(shards), kernel, "--kernels", kernel, "--device",
+                         args.device, "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+                         str(args.warmup)]  # fmt: skip
                 done = subprocess.run(child, capture_output=True, text=True)
                 result = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
                           else {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode})

@@ -102,6 +102,30 @@ def hex_id(seed: int, feature: int, ranks: np.ndarray) -> np.ndarray:
     return (splitmix64(ranks.astype(np.uint64) | key) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
+def _draw_dense(spec: SyntheticSpec, rng: np.random.Generator, n: int) -> np.ndarray:
+    """[n, num_dense] skewed non-negative counts, the odd -1/-2 as in Criteo's I2, NaN = missing. Each
+    feature's scale is fixed per dataset (by the seed), so every chunk and split draws from one distribution."""
+    scale = np.exp(1.5 + _hash_normal(spec.seed, 10_001, np.arange(spec.num_dense), 0))
+    dense = np.floor(rng.exponential(1.0, size=(n, spec.num_dense)) * scale).astype(np.float64)
+    dense[:, 1] -= rng.binomial(1, 0.1, size=n) * rng.integers(1, 4, size=n)
+    dense[rng.random((n, spec.num_dense)) < spec.dense_missing] = np.nan
+    return dense
+
+
+def _transform(dense: np.ndarray) -> np.ndarray:
+    """The preprocessing's log1p(max(x, 0)), missing as 0."""
+    return np.log1p(np.clip(np.nan_to_num(dense, nan=0.0), 0, None))
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_centre(seed: int, num_dense: int, dense_missing: float) -> np.ndarray:
+    """[num_dense] the mean of each transformed dense feature over its distribution (estimated once from a
+    fixed sample of 200k rows): one constant per dataset, so ``bias`` sets the CTR and the planted logit is
+    a function of the row alone, which a model can learn (its bias absorbs the constant)."""
+    spec = SyntheticSpec(num_dense=num_dense, dense_missing=dense_missing, seed=seed)
+    return _transform(_draw_dense(spec, np.random.default_rng([seed, 1 << 31]), 200_000)).mean(axis=0)
+
+
 def generate_chunk(spec: SyntheticSpec, chunk_index: int, rows: int) -> dict[str, np.ndarray]:
     """Draws ``rows`` rows; the same (spec, chunk_index) always gives the same rows.
 
@@ -112,15 +136,10 @@ def generate_chunk(spec: SyntheticSpec, chunk_index: int, rows: int) -> dict[str
     rng = np.random.default_rng([spec.seed, chunk_index])
     n = rows
 
-    # Dense: skewed non-negative counts, the odd -1/-2 as in Criteo's I2, some missing.
-    scale = np.exp(rng.normal(1.5, 1.0, size=spec.num_dense))
-    dense = np.floor(rng.exponential(1.0, size=(n, spec.num_dense)) * scale).astype(np.float64)
-    dense[:, 1] -= rng.binomial(1, 0.1, size=n) * rng.integers(1, 4, size=n)
-    dense[rng.random((n, spec.num_dense)) < spec.dense_missing] = np.nan
+    dense = _draw_dense(spec, rng, n)
     beta = _hash_normal(spec.seed, 10_000, np.arange(spec.num_dense), 0) * spec.dense_coef_std
-    transformed = np.log1p(np.clip(np.nan_to_num(dense, nan=0.0), 0, None))
-    transformed -= transformed.mean(axis=0, keepdims=True) if n > 1 else 0.0
-    logit = spec.bias + transformed @ beta
+    centre = _dense_centre(spec.seed, spec.num_dense, spec.dense_missing)
+    logit = spec.bias + (_transform(dense) - centre) @ beta
 
     tokens = np.empty((n, spec.num_sparse), dtype=np.uint32)
     missing = rng.random((n, spec.num_sparse)) < spec.sparse_missing

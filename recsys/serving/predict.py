@@ -10,8 +10,9 @@ in place with a NaN score, as ``Scorer.score`` does: output row i is input row i
 order, headers apart), so scores line up with the input by position, with or without an id column. The
 output is written under a temporary name and renamed when complete; it may not be one of the inputs.
 
-Output columns: the schema's ``id_column`` when it names one, ``label`` when the input carries it, and
-``score`` (float32 click probability; NaN for a bad row, whose label and id are empty).
+Output columns: the schema's ``id_column`` when it names one and the ``keep_columns`` (as read, text: to
+join the scores back to users and items), ``label`` when the input carries it, and ``score`` (float32 click
+probability; NaN for a bad row, whose label and kept columns are empty).
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def predict(
     verify: bool | None = None,
     labelled: bool = True,
     accept_truncated: bool = False,
+    keep_columns: list[str] | None = None,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Scores every row of ``inputs`` into ``output`` (.csv or .parquet); returns a report (rows, bad rows
     by kind with the first examples as ``file:line``, ids on the OOV row per feature, rows/s).
@@ -130,11 +133,15 @@ def predict(
     ``labelled``: whether files without a header carry the label column (a file one column short is an
     error unless False: a missing column and a missing label look alike); header files say so themselves.
     ``accept_truncated``: score the rows before the break of a truncated .gz input instead of failing.
+    ``keep_columns``: input columns copied next to each score (any the input has, e.g. user_id, item_id).
+    ``started``: the ``time.perf_counter()`` the reported time and rate count from (the CLI passes its
+    process's start, so they include start-up: imports and loading the model); default: this call.
 
     Raises PreprocessError for bad input as ``recsys preprocess`` would, ServingInputError for an export or
     input that cannot be used at all. Empty input files give no rows.
     """
-    started = time.perf_counter()
+    timed_from = "the start of the command" if started is not None else "the call"
+    started = time.perf_counter() if started is None else started
     _refuse_overwriting_inputs(output, inputs)
     scorer = Scorer(export_dir, batch_size, verify)
     paths = [p for p in inputs if not (os.path.isfile(p) and os.path.getsize(p) == 0)]
@@ -144,10 +151,16 @@ def predict(
                         max_memory_gb=max_memory_gb, strict=strict, max_bad_fraction=max_bad_fraction,
                         accept_truncated=accept_truncated)  # fmt: skip
     sources = make_sources(settings, schema)[0] if paths else []
+    keep = tuple(dict.fromkeys([*([schema.id_column] if schema.id_column else []), *(keep_columns or [])]))
     for source in sources:
         if schema.id_column and schema.id_column not in source.columns:
             raise ServingInputError(f"{source.path}: lacks the id column {schema.id_column!r} of schema {schema.name}")
-    columns: dict[str, Any] = {schema.id_column: pl.Utf8} if schema.id_column else {}
+        if lacking := [name for name in keep if name not in source.columns]:
+            raise ServingInputError(f"{source.path}: --keep-columns names {lacking}, which it lacks; its columns: "
+                                    f"{source.columns}")
+        if clash := [name for name in keep if name in ("label", "score")]:
+            raise ServingInputError(f"--keep-columns {clash}: the output has its own {clash[0]!r} column")
+    columns: dict[str, Any] = dict.fromkeys(keep, pl.Utf8)
     columns.update({"label": pl.Int8} if schema.label else {})
     columns["score"] = pl.Float32
     writer = ScoreWriter(output, columns)
@@ -159,8 +172,8 @@ def predict(
     bar = tqdm(desc="predict", unit=" rows", unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
         chunks = iter_chunks(sources, chunk_bytes, accept_truncated, schema.quote)
-        for result in pool.imap(transform_task, FileJob(prep, sources, strict), chunks):
-            frame = [result.in_place(result.ids)] if schema.id_column else []
+        for result in pool.imap(transform_task, FileJob(prep, sources, strict, keep), chunks):
+            frame = [result.in_place(result.ids[name]) for name in keep]
             frame += [result.in_place(result.columns.labels).alias("label")] if schema.label else []
             frame.append(result.in_place(scorer.score_rows(result)).fill_null(np.nan).alias("score"))
             writer.write(pl.DataFrame(frame, schema=columns))
@@ -184,14 +197,14 @@ def predict(
         "lost": {s.path: s.lost for s in sources if s.lost},
         "oov": {f: int(n) for f, n in zip(schema.sparse, oov) if n},
         "workers": workers, "model_threads": threads, "seconds": round(seconds, 3),
-        "rows_per_s": round(rows / seconds, 1),
+        "rows_per_s": round(rows / seconds, 1), "timed_from": timed_from, "timed_from": timed_from,
     }  # fmt: skip
 
 
 def summarize(report: dict[str, Any]) -> str:
     lines = [f"scored {report['rows']:,} rows into {report['output']} ({report['workers']} workers, "
              f"{report['model_threads']} model thread(s), "
-             f"{report['seconds']:.1f} s, {report['rows_per_s']:,.0f} rows/s)",
+             f"{report['seconds']:.1f} s, {report['rows_per_s']:,.0f} rows/s, timed from {report['timed_from']})",
              f"  lines {report['lines']:,}, bad rows (scored NaN in place) {report['bad_rows']:,} {report['errors']}"]  # fmt: skip
     lines += [f"    {example}" for example in report["error_examples"]]
     lines += [f"  LOST (--accept-truncated): {path} breaks after line {lost['after_line']:,} ({lost['error']}): "

@@ -60,14 +60,15 @@ class Rows:
     ``columns``: labels [N] (-1 without a label column), dense [N, F_dense] float32, sparse [N, F_one_hot]
     int32 table rows, multi-hot (values, lengths); ``position`` [N]: the chunk-local record (input row) of
     each good row, of ``records`` in the chunk (bad rows are left out: their positions are missing);
-    ``ids`` [N]: the schema's id column, or None; ``result``: line and bad-row counts;
+    ``ids``: the columns copied to the output as read (text), N rows, or None; ``result``: line and bad-row
+    counts;
     ``oov`` [F_sparse]: ids that went to the OOV row (unseen or rarer than ``min_count``), per feature.
     """
 
     columns: Columns
     position: np.ndarray
     records: int
-    ids: pl.Series | None
+    ids: pl.DataFrame | None
     result: ChunkResult
     oov: np.ndarray
 
@@ -126,20 +127,24 @@ def oov_counts(columns: Columns, schema: Schema) -> np.ndarray:
     return np.array([counts[name] for name in schema.sparse], dtype=np.int64)
 
 
-def _row_ids(data: bytes, line: np.ndarray, source: Source, schema: Schema) -> pl.Series:
-    column = source.columns.index(schema.id_column)
-    lines = pl.Series(data.decode("utf-8", errors="replace").split("\n"))
-    return lines.gather(line).str.split(schema.delimiter).list.get(column).str.strip_chars("\r").alias(schema.id_column)
+def _row_columns(data: bytes, line: np.ndarray, source: Source, schema: Schema, names: tuple[str, ...]) -> pl.DataFrame:
+    """The ``names`` columns of the good rows as text, as read (20-digit ids stay exact)."""
+    lines = pl.Series(data.decode("utf-8", errors="replace").split("\n")).gather(line).str.strip_chars("\r")
+    fields = lines.str.split(schema.delimiter)
+    return pl.DataFrame([fields.list.get(source.columns.index(name)).alias(name) for name in names])
 
 
-def transform(data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, strict: bool) -> Rows:
+def transform(
+    data: bytes, source: Source, chunk: Chunk, prep: Preprocessing, strict: bool, keep: tuple[str, ...] = ()
+) -> Rows:
     """Parses, checks and transforms whole lines exactly as ``recsys preprocess`` does (bad rows dropped
-    and counted, or ``BadInput`` with ``strict``), then maps ids to table rows."""
+    and counted, or ``BadInput`` with ``strict``), then maps ids to table rows; ``keep``: columns whose
+    text each good row carries to the output (``Rows.ids``)."""
     started = time.perf_counter()
     schema = prep.schema
     parsed = parse_chunk(data, source, schema, chunk, strict)
     columns, _ = encode(parsed, schema, "rows", prep.vocab_dir)
-    ids = _row_ids(data, parsed.line, source, schema) if schema.id_column else None
+    ids = _row_columns(data, parsed.line, source, schema, keep) if keep else None
     result = chunk_result(chunk, parsed, {"rows": len(parsed.labels)}, started)
     records = record_lines(data, schema) if schema.quote else np.arange(parsed.lines)
     position = np.searchsorted(records, parsed.line)
@@ -153,11 +158,12 @@ class FileJob:
     prep: Preprocessing
     sources: list[Source]
     strict: bool
+    keep: tuple[str, ...] = ()  # columns copied to the output (Rows.ids)
 
 
 def transform_task(job: FileJob, chunk: Chunk) -> Rows:
     source = job.sources[chunk.source]
-    return transform(read_chunk(chunk, source), source, chunk, job.prep, job.strict)
+    return transform(read_chunk(chunk, source), source, chunk, job.prep, job.strict, job.keep)
 
 
 def text_rows(rows: str | bytes | list, prep: Preprocessing, labelled: bool = True) -> tuple[bytes, Source, Preprocessing]:

@@ -45,3 +45,14 @@ def test_planted_model_is_learnable_and_ids_are_zipf() -> None:
     # Zipf: the most frequent id of a large-vocabulary feature covers a sizeable share of rows.
     _, counts = np.unique(chunk["tokens"][:, 2], return_counts=True)
     assert counts.max() / counts.sum() > 0.05 and len(counts) > 1000
+
+
+def test_splits_are_identically_distributed() -> None:
+    # Each 100k-row chunk once drew its own dense scales and centred them on its own mean: splits (one chunk
+    # each in the demo) differed in distribution and the planted logit depended on the chunk, not the row.
+    spec = SyntheticSpec(seed=5)
+    a, b = generate_chunk(spec, 0, 20_000), generate_chunk(spec, 1, 20_000)
+    medians = [np.nanmedian(chunk["dense"], axis=0) for chunk in (a, b)]
+    assert np.allclose(medians[0], medians[1], rtol=0.15, atol=1.0), medians
+    ctrs = [chunk["label"].mean() for chunk in (a, b)]
+    assert abs(ctrs[0] - ctrs[1]) < 0.02, ctrs

@@ -92,3 +92,16 @@ def test_unseen_ids_go_to_the_oov_row(serving_run, tmp_path: Path) -> None:
     assert report["oov"].get("C1") == 2
     scores = pl.read_csv(tmp_path / "s.csv")["score"].to_numpy()
     assert scores[0] == scores[1] and np.isfinite(scores).all()
+
+
+def test_kept_columns_join_the_scores_back_and_the_rate_counts_start_up(serving_run, tmp_path: Path, capsys) -> None:
+    lines = (serving_run.raw / "test.tsv").read_text().splitlines(keepends=True)[:200]
+    (tmp_path / "t.tsv").write_text("".join(lines))
+    assert _predict(serving_run.export, tmp_path / "s.csv", tmp_path / "t.tsv", flags=("--keep-columns", "C1,I2")) == 0
+    assert "timed from the start of the command" in capsys.readouterr().out
+    scores = pl.read_csv(tmp_path / "s.csv", schema_overrides={"C1": pl.Utf8, "I2": pl.Utf8})
+    assert scores.columns == ["C1", "I2", "label", "score"]
+    fields = [line.rstrip("\n").split("\t") for line in lines]
+    assert scores["C1"].to_list() == [f[14] for f in fields] and scores["I2"].to_list() == [f[2] for f in fields]
+    assert _predict(serving_run.export, tmp_path / "x.csv", tmp_path / "t.tsv", flags=("--keep-columns", "user_id")) == 2
+    assert "--keep-columns names ['user_id'], which it lacks" in capsys.readouterr().err
