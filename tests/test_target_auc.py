@@ -28,7 +28,7 @@ def test_run_stops_at_target_auc_and_reports_time_to_target(
     assert validations[0] == 5 and all(step % 5 == 0 for step in validations)
     assert target["auc"] >= 0.6 and target["step"] == validations[-1]  # the final metrics are this validation's
     assert target["samples"] == target["step"] * 2048 and target["seconds_to_target"] > 0
-    assert target["samples_per_s"] == pytest.approx(target["samples"] / target["seconds_to_target"], rel=1e-3)
+    assert target["samples_per_s"] == pytest.approx(target["samples"] / target["seconds_to_target"], rel=1e-2)  # both are rounded (3 decimals of seconds)
     assert events(run, "stop")[0]["reason"] == "target_auc" and target["step"] < 60
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("time to target: ")
 

@@ -6,7 +6,7 @@
 # CPU box pulls gigabytes of CUDA wheels and then fails to load. So torchrec is installed with --no-deps,
 # after the right fbgemm: `fbgemm-gpu` where an NVIDIA GPU is visible, `fbgemm-gpu-cpu` elsewhere
 # (override with RECSYS_DEVICE=cpu|cuda). recsys checks at import time that the FBGEMM ops are present.
-# Extras: RECSYS_EXTRAS (default `test`) names the pyproject.toml extras to install, e.g.
+# Extras: RECSYS_EXTRAS (default `test,bench`: tests/tools/ runs every tool) names the pyproject.toml extras to install, e.g.
 # `RECSYS_EXTRAS=test,k8s,bench bash tools/install.sh` (k8s: `torchx run -s kubernetes`; bench: tools/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,7 @@ echo "install.sh: installing for $device into $VENV"
 install "torch==2.13.0"
 install "$fbgemm"
 install --no-deps "torchrec==${TORCHREC_VERSION}"
-extras=${RECSYS_EXTRAS:-test}
+extras=${RECSYS_EXTRAS:-test,bench}
 [[ "$extras" =~ ^[a-z0-9]+(,[a-z0-9]+)*$ ]] || { echo "install.sh: RECSYS_EXTRAS must be a comma-separated list of extras, not '$extras'" >&2; exit 2; }
 install -e ".[$extras]"
 known="^torchrec [^ ]+ requires fbgemm-gpu, which is not installed\.$"
