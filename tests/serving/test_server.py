@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from recsys.serving import load
 from recsys.serving.batcher import Batcher
-from recsys.serving.requests import ARROW
+from recsys.serving.requests import ARROW, ScoreRequest
 from recsys.serving.server import ServeConfig, create_app, load_export
 from tests.helpers import child_env, free_port
 
@@ -121,7 +121,7 @@ def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) ->
     async def run() -> list[np.ndarray]:
         batcher = Batcher(scorer, max_rows=64, max_wait=0.05, on_batch=lambda rows, n, s: batches.append((rows, n)))
         batcher.start()
-        results = await asyncio.gather(*(batcher.score(f) for f in frames))
+        results = await asyncio.gather(*(batcher.score(ScoreRequest(f)) for f in frames))
         await batcher.stop()
         return results
 
