@@ -110,8 +110,8 @@ def parse_body(body: bytes, content_type: str, spec: RequestSchema) -> ScoreRequ
     varying = [name for name in spec.columns if name not in context]
     if not varying:  # every used column is shared: the candidates only say how many rows
         return ScoreRequest(pl.from_dicts([shared] * candidates.height, schema=schema, strict=False))
-    dtypes = candidates.schema
-    return ScoreRequest(candidates.select(_column(name, dtypes[name], "rows", spec) for name in varying), shared, schema)
+    # Series by Series: a DataFrame.select goes through polars' query engine (~5 ms a request under load).
+    return ScoreRequest(pl.DataFrame([_column(candidates.get_column(name), "rows", spec) for name in varying]), shared, schema)
 
 
 def _json_rows(body: bytes) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -182,9 +182,10 @@ def _wanted(name: str, spec: RequestSchema) -> str:
     return "numbers" if name in spec.schema.dense else "strings or integers" + (" (lists)" if name in spec.schema.multi_hot else "")
 
 
-def _column(name: str, dtype: pl.DataType, where: str, spec: RequestSchema) -> pl.Expr:
+def _column(column: pl.Series, where: str, spec: RequestSchema) -> pl.Series:
     """One used column in its canonical dtype; wrong types fail here, naming the column: dense must be
     numbers, ids strings or integers (lists for multi-hot)."""
+    name, dtype = column.name, column.dtype
     ok = dtype == pl.Null or (
         dtype.is_numeric() if name in spec.schema.dense
         else isinstance(dtype, pl.List) and (dtype.inner.is_integer() or dtype.inner in (pl.Utf8, pl.Null))
@@ -193,4 +194,4 @@ def _column(name: str, dtype: pl.DataType, where: str, spec: RequestSchema) -> p
     if not ok:
         raise RequestError(422, "wrong_type", f"column {name!r} ({where}) must hold {_wanted(name, spec)}, got {dtype}", name)
     want = spec.dtype(name)
-    return pl.col(name) if dtype == want else pl.col(name).cast(want)  # a cast costs ~20 us a column
+    return column if dtype == want else column.cast(want)
