@@ -6,7 +6,8 @@
 
 Dense feature j is the field ``x_j u_j`` (FuxiCTR's numeric embedding, as in DeepFM). The cross network is
 full-rank, low-rank (``model.dcnv2.low_rank``) or a mixture of low-rank experts (``model.dcnv2.experts``):
-TorchRec's ``CrossNet``, ``LowRankCrossNet`` and ``LowRankMixtureCrossNet``. (A full-rank cross layer as
+TorchRec's ``CrossNet``, ``LowRankCrossNet`` (its products in bfloat16 with ``model.mlp_precision``:
+``recsys.models.layers.LowRankCrossNet``) and ``LowRankMixtureCrossNet``. (A full-rank cross layer as
 one ``F.linear`` GEMM instead of TorchRec's ``W @ x[B, N, 1]`` measured 0.72-0.89x the time at N = 390,
 B = 4096 on the loaded 2-core box: not enough to own a copy.)
 The parallel head is FuxiCTR's ``Linear(cat(cross, dnn), 1)`` split by part, so the concatenation is never
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCrossNet
+from torchrec.modules.crossnet import CrossNet, LowRankMixtureCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import Config
-from recsys.models.layers import MLP, SparseArch, mlp_bfloat16, sparse_arch
+from recsys.models.layers import MLP, LowRankCrossNet, SparseArch, mlp_bfloat16, sparse_arch
 
 
 class DCNv2(nn.Module):
@@ -30,7 +31,7 @@ class DCNv2(nn.Module):
     Args:
         sparse_arch: pooled rows [B, F_sparse, W] (W >= D; the first D columns are the embedding).
         num_dense: F_dense; embedding_dim: D; init_std: normal init of the dense field vectors.
-        cross_net: ``[B, N] -> [B, N]``, N = (F_dense + F_sparse) * D.
+        cross_net: ``[B, N] -> [B, N]``, N = (F_dense + F_sparse) * D (float32 or bfloat16 out).
         dnn_layers: hidden widths of the DNN; stacked: ``dnn(cross(x0))``, parallel: beside the cross net.
         stacked: the structure; activation, dropout, batch_norm, bfloat16: the DNN (``MLP``).
 
@@ -65,7 +66,7 @@ class DCNv2(nn.Module):
         crossed = self.cross_net(x0)
         if self.cross_head is None:
             return self.dnn(crossed).squeeze(-1)
-        return (self.dnn(x0) + self.cross_head(crossed)).squeeze(-1)
+        return (self.dnn(x0) + self.cross_head(crossed.float())).squeeze(-1)
 
 
 def build_dcnv2(config: Config, device: torch.device | str = "cpu") -> DCNv2:
@@ -78,7 +79,7 @@ def build_dcnv2(config: Config, device: torch.device | str = "cpu") -> DCNv2:
     if c.experts > 1:
         cross: nn.Module = LowRankMixtureCrossNet(width, c.cross_layers, c.experts, c.low_rank)
     elif c.low_rank:
-        cross = LowRankCrossNet(width, c.cross_layers, c.low_rank)
+        cross = LowRankCrossNet(width, c.cross_layers, c.low_rank, mlp_bfloat16(config))
     else:
         cross = CrossNet(width, c.cross_layers)
     return DCNv2(arch, num_dense, m.embedding_dim, cross, m.deep_layers, c.structure == "stacked", m.activation,

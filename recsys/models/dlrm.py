@@ -6,8 +6,9 @@
 The interaction is TorchRec's own (``torchrec.models.dlrm.InteractionArch`` / ``InteractionDCNArch`` with
 ``torchrec.modules.crossnet.LowRankCrossNet``), so the function is TorchRec's; recsys supplies the sparse
 arch (field order kept without a regroup where the sharded collection already emits it, the table backward
-on fewer threads), and MLPs with bfloat16 products (``model.mlp_precision``), batch norm and one-byte
-dropout, which TorchRec's ``DenseArch``/``OverArch`` lack.
+on fewer threads), and MLPs and a cross net with bfloat16 products (``model.mlp_precision``; the cross net
+is ``recsys.models.layers.LowRankCrossNet``, TorchRec's with that knob), batch norm and one-byte dropout,
+which TorchRec's ``DenseArch``/``OverArch`` lack.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.models.dlrm import InteractionArch, InteractionDCNArch
-from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.config import Config, ConfigError
-from recsys.models.layers import MLP, SparseArch, mlp_bfloat16, sparse_arch
+from recsys.models.layers import MLP, LowRankCrossNet, SparseArch, mlp_bfloat16, sparse_arch
 
 
 class DLRM(nn.Module):
@@ -93,7 +93,9 @@ def build_dlrm_dcnv2(config: Config, device: torch.device | str = "cpu") -> DLRM
     _check_dense(config)
     m, c = config.model, config.model.dlrm_dcnv2
     width = (len(config.data.sparse_features) + 1) * m.embedding_dim
-    cross = InteractionDCNArch(len(config.data.sparse_features), LowRankCrossNet(width, c.cross_layers, c.low_rank))
+    bfloat16 = mlp_bfloat16(config)
+    cross_net = LowRankCrossNet(width, c.cross_layers, c.low_rank, bfloat16)
+    cross = InteractionDCNArch(len(config.data.sparse_features), cross_net)
     return DLRM(sparse_arch(config, 0, device), len(config.data.dense_features), m.embedding_dim,
                 c.bottom_layers, m.deep_layers, cross, width, m.activation, m.dropout, m.batch_norm,
-                mlp_bfloat16(config))  # fmt: skip
+                bfloat16)  # fmt: skip

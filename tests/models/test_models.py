@@ -92,6 +92,26 @@ def test_dcnv2_is_fuxictr_dcnv2(structure: str) -> None:
     torch.testing.assert_close(model(dense, sparse), expected.squeeze(-1))
 
 
+@pytest.mark.parametrize("name", ["dlrm_dcnv2", "dcnv2"])
+def test_bfloat16_cross_net_is_close_to_float32_and_trains_float32_weights(name: str) -> None:
+    torch.manual_seed(0)
+    sections = {"dlrm_dcnv2": {"low_rank": 3}, "dcnv2": {"low_rank": 3}}
+    exact = build_model(config(name, **sections))
+    mixed = build_model(config(name, mlp_precision="bfloat16", **sections))
+    mixed.load_state_dict(exact.state_dict())
+    cross_net = mixed.inter_arch.crossnet if name == "dlrm_dcnv2" else mixed.cross_net
+    assert cross_net.bfloat16
+    dense, sparse = inputs()
+    x = torch.rand(B, cross_net.V_kernels[0].shape[1])
+    assert cross_net(x).dtype == torch.bfloat16
+    logits = mixed(dense, sparse)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, exact(dense, sparse), rtol=0.02, atol=0.02)
+    logits.sum().backward()
+    for weight in [*cross_net.V_kernels, *cross_net.W_kernels]:
+        assert weight.grad.dtype == torch.float32 and weight.grad.abs().sum() > 0
+
+
 def test_model_sections_are_typed() -> None:
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['rank'\] in section 'model.dcnv2'; valid keys: \['cross_layers'"):
         config("dcnv2", dcnv2={"rank": 4})
