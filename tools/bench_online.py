@@ -185,7 +185,7 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     summary: dict = {"bench": "online_summary", "export": str(export), "cpus": os.cpu_count(),
                      "load_average_at_start": round(os.getloadavg()[0], 2), "model_threads": args.threads,
                      "max_batch_rows": args.max_batch_rows, "max_wait_ms": args.max_wait_ms,
-                     "backend": args.backend}  # fmt: skip
+                     "backend": args.backend, "workers": args.workers}  # fmt: skip
     import polars as pl
 
     rows_path = work / "online_rows.arrow"
@@ -199,7 +199,7 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", str(export), "--host", "127.0.0.1", "--port", str(port),
          "--threads", str(args.threads), "--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms),
-         "--backend", args.backend],
+         "--backend", args.backend, "--workers", str(args.workers)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     total_errors = 0

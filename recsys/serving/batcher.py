@@ -138,7 +138,7 @@ def _score_requests(model: Any, requests: list[ScoreRequest], strict: bool = Fal
     """One Scorer call for the requests' rows in order. When they share their context columns (one user
     each, the usual ranking request), the contexts stay one row per request (``owner``)."""
     if len({tuple(r.context) for r in requests}) > 1:  # contexts of other columns: every row whole
-        return model.score(pl.concat([r.frame() for r in requests], how="vertical_relaxed"), strict=strict)
+        return model.score(pl.concat([r.frame() for r in requests], how="diagonal_relaxed"), strict=strict)  # by name
     rows = pl.concat([r.rows for r in requests], how="vertical_relaxed") if len(requests) > 1 else requests[0].rows
     if not requests[0].context:
         return model.score(rows, strict=strict)
