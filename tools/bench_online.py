@@ -159,8 +159,21 @@ async def drive(url: str, requests: list[tuple[bytes, str]], concurrency: int, t
 
 
 def memory_mib(pid: int) -> dict[str, float]:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {key: round(int(status[name].split()[0]) / 1024, 1) for key, name in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+    """RSS and peak RSS (VmHWM) summed over the server's process tree (``--workers`` > 1: the supervisor and
+    its worker processes)."""
+    def tree(p: int) -> list[int]:
+        children = Path(f"/proc/{p}/task/{p}/children")
+        return [p] + [c for child in (children.read_text().split() if children.exists() else []) for c in tree(int(child))]
+
+    totals = {"rss_mib": 0.0, "peak_rss_mib": 0.0}
+    for p in tree(pid):
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+        except FileNotFoundError:  # a worker that just exited
+            continue
+        for key, name in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM")):
+            totals[key] += int(status[name].split()[0]) / 1024
+    return {key: round(value, 1) for key, value in totals.items()}
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
