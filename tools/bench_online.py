@@ -159,8 +159,21 @@ async def drive(url: str, requests: list[tuple[bytes, str]], concurrency: int, t
 
 
 def memory_mib(pid: int) -> dict[str, float]:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return {key: round(int(status[name].split()[0]) / 1024, 1) for key, name in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+    """RSS and peak RSS (VmHWM) summed over the server's process tree (``--workers`` > 1: the supervisor and
+    its worker processes)."""
+    def tree(p: int) -> list[int]:
+        children = Path(f"/proc/{p}/task/{p}/children")
+        return [p] + [c for child in (children.read_text().split() if children.exists() else []) for c in tree(int(child))]
+
+    totals = {"rss_mib": 0.0, "peak_rss_mib": 0.0}
+    for p in tree(pid):
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+        except FileNotFoundError:  # a worker that just exited
+            continue
+        for key, name in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM")):
+            totals[key] += int(status[name].split()[0]) / 1024
+    return {key: round(value, 1) for key, value in totals.items()}
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 300) -> None:
@@ -185,7 +198,7 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     summary: dict = {"bench": "online_summary", "export": str(export), "cpus": os.cpu_count(),
                      "load_average_at_start": round(os.getloadavg()[0], 2), "model_threads": args.threads,
                      "max_batch_rows": args.max_batch_rows, "max_wait_ms": args.max_wait_ms,
-                     "backend": args.backend}  # fmt: skip
+                     "backend": args.backend, "workers": args.workers}  # fmt: skip
     import polars as pl
 
     rows_path = work / "online_rows.arrow"
@@ -199,7 +212,7 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", str(export), "--host", "127.0.0.1", "--port", str(port),
          "--threads", str(args.threads), "--max-batch-rows", str(args.max_batch_rows), "--max-wait-ms", str(args.max_wait_ms),
-         "--backend", args.backend],
+         "--backend", args.backend, "--workers", str(args.workers)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     total_errors = 0
@@ -220,10 +233,11 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
                 "qps": round(answered / result["wall"], 1), "rows_per_s": round(answered * size / result["wall"]),
                 **{f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if answered else None for q in (50, 90, 99)},
                 "server": memory_mib(server.pid),
-                "model_torchscript_rows_per_s": bounds[f"model_torchscript_{size}"]["rows_per_s"],
+                # the model file the server runs, alone at the request's size
+                "model_alone_rows_per_s": bounds[f"model_{args.backend}_{size}"]["rows_per_s"],
                 "scorer_rows_per_s": bounds[f"scorer_{size}"]["rows_per_s"],
             }  # fmt: skip
-            record["vs_model_alone"] = round(record["rows_per_s"] / record["model_torchscript_rows_per_s"], 3)
+            record["vs_model_alone"] = round(record["rows_per_s"] / record["model_alone_rows_per_s"], 3)
             record["vs_scorer_alone"] = round(record["rows_per_s"] / record["scorer_rows_per_s"], 3)
             print(json.dumps(record), flush=True)
             summary[f"{'arrow' if arrow else 'json'}_{size}x{concurrency}"] = {

@@ -111,6 +111,7 @@ def main() -> None:
     online.add_argument("--seconds", type=float, default=8.0, help="time cap per measurement")
     online.add_argument("--max-batch-rows", type=int, default=4096, help="the server's --max-batch-rows (recsys serve)")
     online.add_argument("--max-wait-ms", type=float, default=1.0, help="the server's --max-wait-ms (recsys serve)")
+    online.add_argument("--workers", type=int, default=1, help="the server's --workers (processes, one model each)")
     online.add_argument("--backend", default="torchscript", choices=["torchscript", "torch_export", "aoti"],
                         help="the model file the server runs")
     args = parser.parse_args()

@@ -16,4 +16,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="preprocess_criteo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    sys.exit(main_from_args(parser.parse_args()))
+    try:
+        sys.exit(main_from_args(parser.parse_args()))
+    except KeyboardInterrupt:  # as `recsys preprocess`: outputs are written under temporary names
+        print("preprocess_criteo.py: interrupted; nothing was left half-written", file=sys.stderr)
+        sys.exit(130)  # the shell's code for SIGINT

@@ -22,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
+from recsys.serving.requests import ScoreRequest, contexts_frame
 from recsys.serving.transform import ServingInputError
 
 
 @dataclass
 class Pending:
-    frame: pl.DataFrame
+    request: ScoreRequest
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -37,7 +38,7 @@ class BadRows(Exception):
 
 
 class Batcher:
-    """``await score(frame)`` -> [N] float32 probabilities, batched with other requests.
+    """``await score(request)`` -> [N] float32 probabilities, batched with other requests.
 
     Args:
         model: the current Scorer (replaceable at any time).
@@ -64,9 +65,9 @@ class Batcher:
             await self.task
         self.executor.shutdown(wait=True)
 
-    async def score(self, frame: pl.DataFrame) -> np.ndarray:
+    async def score(self, request: ScoreRequest) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(Pending(frame, future))
+        await self.queue.put(Pending(request, future))
         return await future
 
     async def run_alone(self, fn: Callable[[], Any]) -> Any:
@@ -82,7 +83,7 @@ class Batcher:
             self.carry = None
             if first is None:
                 return
-            batch, rows = [first], first.frame.height
+            batch, rows = [first], first.request.height
             deadline = loop.time() + self.max_wait
             while rows < self.max_rows:
                 try:
@@ -98,38 +99,52 @@ class Batcher:
                 if item is None:
                     stopping = True
                     break
-                if rows + item.frame.height > self.max_rows:
+                if rows + item.request.height > self.max_rows:
                     self.carry = item
                     break
                 batch.append(item)
-                rows += item.frame.height
+                rows += item.request.height
             await loop.run_in_executor(self.executor, self._score_batch, self.model, batch, loop)
         if self.carry is not None:  # the last request before the stop marker
             await loop.run_in_executor(self.executor, self._score_batch, self.model, [self.carry], loop)
 
     def _score_batch(self, model: Any, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
         started = time.perf_counter()
+        requests = [p.request for p in batch]
+        heights = [r.height for r in requests]
         try:
-            frames = [p.frame for p in batch]
-            scores = model.score(pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0])
-            bounds = np.cumsum([0] + [f.height for f in frames])
+            scores = _score_requests(model, requests)
+            bounds = np.cumsum([0] + heights)
             results: list[Any] = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
             for i, part in enumerate(results):
                 if np.isnan(part).any():  # rejected rows: score this request alone, strictly, for the message
-                    results[i] = self._strict_error(model, frames[i])
+                    results[i] = self._strict_error(model, requests[i])
         except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
             results = [e] * len(batch)
-        self.on_batch(sum(p.frame.height for p in batch), len(batch), time.perf_counter() - started)
+        self.on_batch(sum(heights), len(batch), time.perf_counter() - started)
         for pending, result in zip(batch, results):
             loop.call_soon_threadsafe(_resolve, pending.future, result)
 
     @staticmethod
-    def _strict_error(model: Any, frame: pl.DataFrame) -> Exception:
+    def _strict_error(model: Any, request: ScoreRequest) -> Exception:
         try:
-            model.score(frame, strict=True)
+            _score_requests(model, [request], strict=True)
         except ServingInputError as e:
             return BadRows(str(e))
         return BadRows("a row was rejected by preprocessing")
+
+
+def _score_requests(model: Any, requests: list[ScoreRequest], strict: bool = False) -> np.ndarray:
+    """One Scorer call for the requests' rows in order. When they share their context columns (one user
+    each, the usual ranking request), the contexts stay one row per request (``owner``)."""
+    if len({tuple(r.context) for r in requests}) > 1:  # contexts of other columns: every row whole
+        return model.score(pl.concat([r.frame() for r in requests], how="diagonal_relaxed"), strict=strict)  # by name
+    rows = pl.concat([r.rows for r in requests], how="vertical_relaxed") if len(requests) > 1 else requests[0].rows
+    if not requests[0].context:
+        return model.score(rows, strict=strict)
+    context = contexts_frame(requests)
+    owner = np.repeat(np.arange(len(requests)), [r.height for r in requests])
+    return model.score(rows, strict=strict, context=context, owner=owner)
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:

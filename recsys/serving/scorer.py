@@ -14,7 +14,7 @@ import torch
 from recsys.data.batching import jagged_ids
 from recsys.data.preprocess.parse import BadInput
 from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
-from recsys.data.preprocess.sources import Chunk
+from recsys.data.preprocess.sources import Chunk, Source
 from recsys.data.schema import schema_from_dict
 from recsys.serving.manifest import DamagedExport, read_manifest, verify_export
 from recsys.serving.transform import (
@@ -22,6 +22,7 @@ from recsys.serving.transform import (
     Rows,
     ServingInputError,
     frame_rows,
+    frame_transform,
     text_rows,
     transform,
 )
@@ -93,32 +94,47 @@ class Scorer:
             warnings.warn(f"string ids are hashed with polars; this is polars {pl.__version__}, the export used "
                           f"{exported}: if the hash changed, string ids map to other rows", stacklevel=2)
 
-    def score(self, rows: Any, strict: bool = False, labelled: bool = True) -> np.ndarray:
+    def score(self, rows: Any, strict: bool = False, labelled: bool = True, context: Any = None,
+              owner: np.ndarray | None = None) -> np.ndarray:
         """Click probabilities [N] float32 for raw rows, aligned with them.
 
         ``rows``: raw log lines in the export's format (one string or bytes with newlines, or a list of
         lines; with the label column unless ``labelled`` is False: lines one field short are refused
         otherwise, as a dropped column looks alike), or a polars/pandas DataFrame with the schema's columns
         (with or without the label, by name).
+        ``context`` (DataFrame rows only): columns every row shares, such as one user's features beside
+        its candidate items: a dict of column: value, or a DataFrame of one row per group of rows with
+        ``owner`` [N] the context row of each row.
         A row that preprocessing would reject scores NaN and is counted in ``last`` (``strict`` raises
         instead, naming line and column). A missing column raises ServingInputError naming it.
         """
         if type(rows).__module__.startswith("pandas"):
             rows = pl.from_pandas(rows)
+        # Scores align with rows: no ids needed.
+        preprocessing = replace(self.preprocessing, schema=replace(self.preprocessing.schema, id_column=""))
+        result = None
         if isinstance(rows, pl.DataFrame):
-            data, source, prep = frame_rows(rows, self.preprocessing)
+            if context is not None:
+                context, owner = _context_frame(context, owner, rows)
+            result = frame_transform(rows, preprocessing, context, owner) if rows.height else None
+            if result is None and context is not None:
+                rows = pl.concat([rows, context[owner]], how="horizontal")
+            data, source, prep = (b"", Source("<frame>", None), preprocessing) if result else frame_rows(rows, preprocessing)
         else:
-            data, source, prep = text_rows(rows, self.preprocessing, labelled)
-        prep = replace(prep, schema=replace(prep.schema, id_column=""))  # scores align with rows: no ids needed
-        if not data:
-            self.last = {"rows": 0, "bad_rows": 0, "errors": {}, "error_examples": [], "oov": {}}
-            return np.zeros(0, dtype=np.float32)
-        chunk = Chunk(0, 0, data=data, first_line=1)
-        try:
-            result = transform(data, source, chunk, prep, strict)
-        except BadInput as e:
-            raise ServingInputError(str(bad_input_error(e, [source]))) from None
-        scores = result.in_place(self.score_rows(result)).fill_null(np.nan).to_numpy()
+            if context is not None:
+                raise ServingInputError("a context goes with DataFrame rows, not text lines")
+            data, source, prep = text_rows(rows, preprocessing, labelled)
+        if result is None:
+            if not data:
+                self.last = {"rows": 0, "bad_rows": 0, "errors": {}, "error_examples": [], "oov": {}}
+                return np.zeros(0, dtype=np.float32)
+            try:
+                result = transform(data, source, Chunk(0, 0, data=data, first_line=1), prep, strict)
+            except BadInput as e:
+                raise ServingInputError(str(bad_input_error(e, [source]))) from None
+        scores = self.score_rows(result)
+        if len(scores) < result.records:  # bad rows score NaN in their place
+            scores = result.in_place(scores).fill_null(np.nan).to_numpy()
         stats = PhaseStats()
         stats.add(result.result, [source])
         self.last = {"rows": stats.lines, "bad_rows": stats.bad, "errors": stats.errors,
@@ -131,8 +147,27 @@ class Scorer:
         columns = rows.columns
         out = np.empty(len(columns), dtype=np.float32)
         for lo in range(0, len(columns), self.batch_size):
-            part = columns.take(np.arange(lo, min(lo + self.batch_size, len(columns))))
+            part = columns if len(columns) <= self.batch_size else columns.take(np.arange(lo, min(lo + self.batch_size, len(columns))))
             values, lengths = jagged_ids(self.keys, part.sparse, part.multi)
             dense = torch.from_numpy(part.dense)
             out[lo : lo + len(part)] = self.model.score_tensors(dense, values, lengths.view(len(self.keys), -1)).numpy()
         return out
+
+
+def _context_frame(context: Any, owner: np.ndarray | None, rows: pl.DataFrame) -> tuple[pl.DataFrame, np.ndarray]:
+    """(the context as a DataFrame, [N] its row for each of ``rows``); checks they fit together."""
+    if isinstance(context, dict):
+        context = pl.DataFrame([context])
+    if type(context).__module__.startswith("pandas"):
+        context = pl.from_pandas(context)
+    both = sorted(set(context.columns) & set(rows.columns))
+    if both:
+        raise ServingInputError(f"column {both[0]!r} is in both the context and the rows")
+    if owner is None:
+        if context.height != 1:
+            raise ServingInputError(f"a context of {context.height} rows needs owner: the context row of each row")
+        owner = np.zeros(rows.height, dtype=np.int64)
+    owner = np.asarray(owner)
+    if owner.shape != (rows.height,) or (len(owner) and not (0 <= owner.min() and owner.max() < context.height)):
+        raise ServingInputError(f"owner must hold one context row (0..{context.height - 1}) per row: {rows.height} rows")
+    return context, owner

@@ -98,11 +98,13 @@ def load_export(folder: str, config: ServeConfig) -> Loaded:
 
     scorer = load(folder, batch_size=config.max_batch_rows, backend=config.backend)
     spec = RequestSchema(scorer.preprocessing.schema, config.max_batch_rows)
+    shared = spec.columns[: len(spec.columns) // 2]
     for rows in WARMUP_ROWS:  # all-missing rows: the whole path (parse, ids, model) without sample data
         frame = pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=spec.dtype(c)) for c in spec.columns})
-        scores = scorer.score(frame, strict=True)
-        if scores.shape != (rows,) or not np.isfinite(scores).all():
-            raise RuntimeError(f"{folder}: warm-up scored {scores[:4]} for {rows} rows")
+        for scores in (scorer.score(frame, strict=True),  # and with a shared context, as ranking requests come
+                       scorer.score(frame.drop(shared), strict=True, context=frame.head(1).select(shared))):
+            if scores.shape != (rows,) or not np.isfinite(scores).all():
+                raise RuntimeError(f"{folder}: warm-up scored {scores[:4]} for {rows} rows")
     return Loaded(scorer, spec, os.path.abspath(folder))
 
 
@@ -176,8 +178,8 @@ class ScoringService:
             if size > self.config.max_body_mb * 2**20:
                 raise RequestError(413, "too_large", f"body of {size} bytes exceeds {self.config.max_body_mb} MiB")
             loaded = self.loaded
-            frame = parse_body(await request.body(), request.headers.get("content-type", ""), loaded.spec)
-            scores = await self.batcher.score(frame) if frame.height else np.zeros(0, dtype=np.float32)
+            rows = parse_body(await request.body(), request.headers.get("content-type", ""), loaded.spec)
+            scores = await self.batcher.score(rows) if rows.height else np.zeros(0, dtype=np.float32)
         except RequestError as e:
             return self._error(e, started)
         except BadRows as e:

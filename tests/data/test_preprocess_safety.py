@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,20 @@ def test_ctrl_c_exits_130_and_leaves_no_output_that_looks_complete(tmp_path: Pat
     assert not (out / "metadata.json").exists() and not (out / ".lock").exists() and _temporaries(out) == []
     monkeypatch.setattr(pipeline, "write_shards", real)
     assert _preprocess(tmp_path, out) == 0  # the re-run finishes the work
+
+
+def test_ctrl_c_in_the_preprocess_tool_is_one_line_and_130(tmp_path: Path, monkeypatch, capsys) -> None:
+    import recsys.data.preprocess.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_shards", interrupted)
+    raw = write_lines(tmp_path / "rows.tsv", criteo_lines()[:600])
+    monkeypatch.setattr("sys.argv", ["preprocess_criteo.py", str(raw), "--out", str(tmp_path / "out"), "--workers", "1", "--no-progress"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(Path(__file__).parents[2] / "tools" / "preprocess_criteo.py"), run_name="__main__")
+    assert stop.value.code == 130 and "interrupted" in _one_line_error(capsys)
 
 
 def test_bad_rows_count_once_per_line(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from recsys.serving import load
 from recsys.serving.batcher import Batcher
-from recsys.serving.requests import ARROW
+from recsys.serving.requests import ARROW, RequestSchema, ScoreRequest
 from recsys.serving.server import ServeConfig, create_app, load_export
 from tests.helpers import child_env, free_port
 
@@ -117,11 +117,22 @@ def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) ->
     scorer = load(serving_run.export)
     frames = [pl.DataFrame(raw_rows(serving_run, n, start)) for n, start in ((1, 0), (7, 1), (30, 8), (3, 38))] * 3
     batches: list[tuple[int, int]] = []
+    spec = RequestSchema(scorer.preprocessing.schema, 64)
+    schema = {name: spec.dtype(name) for name in CONTEXT}
+
+    def request(i: int, frame: pl.DataFrame) -> ScoreRequest:
+        """Every third request plain, the others with one user's context (each its own columns' values)."""
+        if i % 3 == 0:
+            return ScoreRequest(frame)
+        shared = {k: v for k, v in frame.row(0, named=True).items() if k in CONTEXT}
+        rows = frame.with_columns(pl.lit(v, dtype=schema[k]).alias(k) for k, v in shared.items())
+        frames[i] = rows  # the rows each of its candidates stands for
+        return ScoreRequest(rows.drop(CONTEXT), shared, schema)
 
     async def run() -> list[np.ndarray]:
         batcher = Batcher(scorer, max_rows=64, max_wait=0.05, on_batch=lambda rows, n, s: batches.append((rows, n)))
         batcher.start()
-        results = await asyncio.gather(*(batcher.score(f) for f in frames))
+        results = await asyncio.gather(*(batcher.score(request(i, f)) for i, f in enumerate(frames)))
         await batcher.stop()
         return results
 

@@ -22,12 +22,16 @@ from recsys.data.schema import Schema
 def token_key_expr(name: str, kind: str) -> pl.Expr:
     """The int64 key of column ``name``'s parsed tokens (no lists): the id itself (hex/int) or polars' 64-bit
     hash of the string; MISSING_KEY for an empty field."""
-    tokens = pl.col(name)
+    return key_expr(pl.col(name), kind).alias(name)
+
+
+def key_expr(tokens: pl.Expr, kind: str) -> pl.Expr:
+    """:func:`token_key_expr` of any expression of parsed tokens."""
     if kind != "string":
         return tokens.fill_null(MISSING_KEY).cast(pl.Int64)
     keys = tokens.hash(seed=0).reinterpret(signed=True)
     # keep the sentinel free for empty fields
-    return pl.when(tokens.is_null()).then(MISSING_KEY).when(keys == MISSING_KEY).then(MISSING_KEY + 1).otherwise(keys).alias(name)
+    return pl.when(tokens.is_null()).then(MISSING_KEY).when(keys == MISSING_KEY).then(MISSING_KEY + 1).otherwise(keys)
 
 
 def token_keys(tokens: pl.Series, kind: str) -> np.ndarray:
@@ -57,29 +61,34 @@ def factorize(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return encoded.indices.to_numpy(), encoded.dictionary.to_numpy()
 
 
+# Below this many rows, vocab mode looks up every cell instead of each distinct key: factorizing 26 features
+# costs ~1 ms, which a serving request of a few hundred rows never earns back in fewer lookups.
+FACTORIZE_FROM_ROWS = 4096
+
+
 def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
            ) -> tuple[Columns, list[np.ndarray]]:  # fmt: skip
     """Parsed rows -> (Columns, uniques). The one-hot ids are keyed in one polars pass for all features (a
     pass costs ~0.1 ms whatever its rows: per feature, that dominated a 100-row serving request). They become:
 
     - ``codes``: int32 codes into the feature's distinct keys (``factorize``), which ``uniques`` lists in
-      ``schema.sparse`` order;
+      ``schema.sparse`` order (``cells``: the same with every cell its own key, not factorized);
     - ``rows``: int32 table rows: hash mode's rule cell by cell; vocab mode through the codes, each distinct
-      key looked up once in the vocabularies of ``vocab_dir`` (``vocab_rows``, ``map_codes``). ``uniques``
-      is then empty.
+      key looked up once in the vocabularies of ``vocab_dir`` (``vocab_rows``, ``map_codes``), or each
+      cell below ``FACTORIZE_FROM_ROWS`` rows. ``uniques`` is then empty.
     """
     if to == "rows" and schema.sparse_mode == "vocab":
-        columns, uniques = encode(parsed, schema, "codes")
+        columns, uniques = encode(parsed, schema, "codes" if len(parsed.labels) >= FACTORIZE_FROM_ROWS else "cells")
         return map_codes(columns, np.concatenate(vocab_rows(uniques, schema, vocab_dir)), unique_offsets(uniques), schema), []
     one_hot = schema.one_hot
     uniques: dict[str, np.ndarray] = {}
     sparse = np.empty((len(parsed.labels), len(one_hot)), dtype=np.int32)
     if one_hot:  # all one-hot features in one polars pass
         frame = pl.DataFrame([parsed.sparse[name] for name in one_hot])
-        if to == "codes":
+        if to in ("codes", "cells"):
             keys = frame.select(token_key_expr(name, schema.kind(name)) for name in one_hot).to_numpy(order="fortran")
             for j, name in enumerate(one_hot):
-                sparse[:, j], uniques[name] = factorize(keys[:, j])
+                sparse[:, j], uniques[name] = _codes(keys[:, j], to)
         else:  # hash mode
             sparse[:] = frame.select(_hash_row_expr(name, schema) for name in one_hot).to_numpy()
     multi = {}
@@ -87,8 +96,8 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
         lists = parsed.sparse[name]
         lengths = lists.list.len().fill_null(0).to_numpy().astype(np.int32)
         keys = token_keys(lists.explode().drop_nulls(), schema.kind(name))
-        if to == "codes":
-            codes, uniques[name] = factorize(keys)
+        if to in ("codes", "cells"):
+            codes, uniques[name] = _codes(keys, to)
             multi[name] = (codes, lengths)
         else:
             multi[name] = (map_keys(keys, name, schema, vocab_dir), lengths)
@@ -97,13 +106,22 @@ def encode(parsed: Parsed, schema: Schema, to: str, vocab_dir: str | None = None
     return columns, [uniques[name] for name in schema.sparse if name in uniques]
 
 
+def _codes(keys: np.ndarray, to: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, keys they index) of one feature: factorized (``codes``) or one key per cell (``cells``)."""
+    return factorize(keys) if to == "codes" else (np.arange(len(keys), dtype=np.int32), keys)
+
+
 def _hash_row_expr(name: str, schema: Schema) -> pl.Expr:
-    """Hash mode's table row of one-hot feature ``name`` (Int32): hex/int ids mod buckets in polars (2x numpy's
+    return hash_row_expr(pl.col(name), schema.kind(name), schema.buckets(name)).alias(name)
+
+
+def hash_row_expr(tokens: pl.Expr, kind: str, buckets: pl.Expr | int) -> pl.Expr:
+    """Hash mode's table row (Int32) of parsed one-hot tokens: hex/int ids mod buckets in polars (2x numpy's
     mod + where), strings as :func:`map_keys` takes their hash."""
-    if schema.kind(name) != "string":
-        return (pl.col(name) % schema.buckets(name)).fill_null(0).cast(pl.Int32)
-    keys = token_key_expr(name, "string").reinterpret(signed=False)
-    return pl.when(pl.col(name).is_null()).then(0).otherwise(keys % schema.buckets(name)).cast(pl.Int32).alias(name)
+    if kind != "string":
+        return (tokens % buckets).fill_null(0).cast(pl.Int32)
+    keys = key_expr(tokens, "string").reinterpret(signed=False)
+    return pl.when(tokens.is_null()).then(0).otherwise(keys % buckets).cast(pl.Int32)
 
 
 def unique_offsets(uniques: list[np.ndarray]) -> np.ndarray:
@@ -142,9 +160,10 @@ def save_part_rows(folder: Path, schema: Schema, vocab_dir: str) -> None:
 
 
 # Below this many keys per vocabulary key, a lookup bisects the sorted vocabulary instead of hashing it:
-# polars' replace_strict builds a hash table of the whole vocabulary each call (~1 ms per 100k keys), which
-# dominated a serving request of a few hundred rows (the packed sorted vocabularies stay sorted); for chunk-sized inputs the hash lookup is ~2x faster.
-BISECT_BELOW = 1 / 16
+# polars' replace_strict builds a hash table of the whole vocabulary each call (~5 ms for 60k keys, ~75 ms
+# for 1M), which dominated a serving batch; bisecting costs ~N log V. Measured (N keys, V vocabulary):
+# V 60k: N 10k bisect 1.3 ms vs hash 5.8, N 100k 12.8 vs 11.3; V 1M: N 100k 33 ms vs 73, N 1M 276 vs 195.
+BISECT_BELOW = 1 / 2
 
 
 def lookup(keys: np.ndarray, vocab: pl.Series, ids: pl.Series) -> np.ndarray:

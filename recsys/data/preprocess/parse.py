@@ -93,7 +93,8 @@ def _field_counts(ends: np.ndarray, separators: np.ndarray, ncols: int) -> np.nd
     return np.diff(np.searchsorted(separators, np.concatenate([[-1], ends]))) + 1
 
 
-def _token_expr(col: pl.Expr, kind: str) -> pl.Expr:
+def token_expr(col: pl.Expr, kind: str) -> pl.Expr:
+    """Text fields -> parsed tokens: Int64 ids (hex, int; null if not one) or the text itself (string)."""
     if kind == "hex":
         return col.str.to_integer(base=16, strict=False)
     if kind == "int":
@@ -107,9 +108,9 @@ def _sparse_tokens(frame: pl.DataFrame, schema: Schema) -> dict[str, pl.Series]:
         kind = schema.kind(name)
         if name in schema.multi_hot:
             items = pl.col(name).str.split(schema.multi_hot[name])
-            exprs.append(items.list.eval(_token_expr(pl.element(), kind)))
+            exprs.append(items.list.eval(token_expr(pl.element(), kind)))
         else:
-            exprs.append(_token_expr(pl.col(name), kind))
+            exprs.append(token_expr(pl.col(name), kind))
     return dict(zip(schema.id_columns, frame.select(exprs).get_columns()))
 
 
