@@ -379,5 +379,9 @@ def prefetched(batches: Iterator[Batch], depth: int) -> Iterator[Batch]:
             yield item
     finally:
         stop.set()
+        # Joined, not left to the interpreter's exit: a daemon thread still inside torch while the process
+        # ends (a run stopped by Ctrl-C mid-epoch) can abort it ("terminate called without an active
+        # exception", exit -6 once in a CI run of tests/launch/test_graceful_stop.py).
+        thread.join(timeout=10)
 
 
