@@ -10,7 +10,9 @@ The folder holds everything needed to score raw logs without the training data o
                       negative_sampling_rate (calibration), quantization and ONNX reports, every file's size
                       and sha256 (recsys.serving.manifest: checked by every load)
       model.pt        TorchScript (recsys.serving.modules.ServedModel): forward(dense, KJT) and
-                      score_tensors(dense, values, lengths) -> [B] probabilities
+                      score_tensors(dense, values, lengths) -> [B] probabilities; its MLPs compute in
+                      float32, or with ``--mlp-precision bfloat16`` in bfloat16 (the manifest compares
+                      its test AUC with float32's)
       vocab/          vocab mode: <feature>.lookup.npy ([2, V] sorted token keys, rows) and
                       <feature>.parquet (token, count in row order), copied from preprocessing
       model.onnx      with --onnx: the whole model (tables stacked) or, when the tables exceed the ONNX
@@ -59,6 +61,7 @@ from recsys.data.preprocess import FIRST_VOCAB_ID, MISSING_ID, OOV_ID
 from recsys.data.schema import schema_from_dict
 from recsys.data.shards import ShardedSplit, read_metadata
 from recsys.integrity import naming_path
+from recsys.models.layers import products_in_bfloat16
 from recsys.models.registry import CTRTrain, ModelSpec, UnsupportedByModel, build_model, model_spec
 from recsys.resolve import resolve_config
 from recsys.serving.manifest import FORMAT, MANIFEST, seal
@@ -66,6 +69,7 @@ from recsys.serving.modules import LogitModel, OnnxDenseModel, OnnxModel, Served
 
 MODEL_FILE = "model.pt"
 ONNX_FILE = "model.onnx"
+MLP_PRECISIONS = ("float32", "bfloat16")
 # FBGEMM's row-wise formats with CPU kernels in fbgemm-gpu-cpu 1.8 (both checked: tests/serving/test_quantize_onnx.py).
 QUANTIZE = {"int8": torch.int8, "int4": torch.quint4x2}
 # Columns a quantized row's width must be a multiple of: its packed bytes must be even ("ncols needs to be
@@ -105,7 +109,8 @@ def load_unsharded(config: Config, checkpoint: str) -> torch.nn.Module:
 
     The MLP computes in float32 whatever ``model.mlp_precision`` trained it (the weights are float32 either
     way): the serving machine is not the training host (bfloat16 products are fast only with AVX512-BF16 or
-    AMX), and ONNX Runtime has no bfloat16 Gemm on CPU."""
+    AMX), and ONNX Runtime has no bfloat16 Gemm on CPU. ``--mlp-precision bfloat16`` asks for it explicitly
+    (:func:`export_model`)."""
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, mlp_precision="float32"))
     wrapper = CTRTrain(build_model(config, device="cpu"))
     check_shapes(checkpoint, {name: value.shape for name, value in wrapper.state_dict().items()})
@@ -271,7 +276,8 @@ def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
         torch.jit.save(module, fh)
 
 
-def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None) -> None:
+def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None,
+                    mlp_precision: str = "float32") -> None:
     """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
     spec, name = model_spec(config), config.model.name
     if quantize and spec.int8_parts is None:
@@ -282,6 +288,11 @@ def check_supported(config: Config, quantize: str | None, onnx: bool, program: s
         raise UnsupportedByModel(f"--program {program} is not supported for model {name}")
     if program and quantize:
         raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
+    if mlp_precision not in MLP_PRECISIONS:
+        raise ExportError(f"--mlp-precision must be one of {list(MLP_PRECISIONS)}, got {mlp_precision!r}")
+    if mlp_precision == "bfloat16" and quantize:
+        raise ExportError("--mlp-precision bfloat16 goes with fp32 tables: a quantized export's MLP keeps int8 "
+                          "weights and computes in float32")
 
 
 def _check_destination(out: Path) -> None:
@@ -312,6 +323,7 @@ def export_model(
     program: str | None = None,
     negative_sampling_rate: float | None = None,
     onnx_table_limit_bytes: int = ONNX_TABLE_LIMIT_BYTES,
+    mlp_precision: str = "float32",
 ) -> dict[str, Any]:
     """Writes the export folder ``out_dir`` (see the module docstring) and returns its manifest.
 
@@ -320,10 +332,14 @@ def export_model(
     ``checkpoint``: ``latest``, ``best`` or a checkpoint path; None takes the run's best if early stopping
     marked one, else its latest (``recsys.checkpoint.resolve_checkpoint``).
     ``quantize``: None (fp32), "int8" or "int4"; the manifest then compares size and test AUC with fp32.
+    ``mlp_precision``: "bfloat16" traces model.pt with its MLPs (and cross nets) computing in bfloat16:
+    about half the MLP's time on CPUs with AVX512-BF16 or AMX, slower than float32 on others (``recsys
+    serve`` warns there); the manifest compares its test AUC with float32's. ONNX and the torch.export
+    programs stay float32.
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
-    check_supported(config, quantize, onnx, program)
+    check_supported(config, quantize, onnx, program, mlp_precision)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
@@ -354,7 +370,7 @@ def export_model(
             "vocab_dir": "vocab" if vocab else None,
         },
         "negative_sampling_rate": negative_sampling_rate,
-        "model": {"file": MODEL_FILE, "quantization": quantize or "fp32",
+        "model": {"file": MODEL_FILE, "quantization": quantize or "fp32", "mlp_precision": mlp_precision,
                   "entries": {"forward": "(dense [B, F_dense] float32, KeyedJaggedTensor) -> [B] probabilities",
                               "score_tensors": "(dense [B, F_dense] float32, values [L] int64 feature-major, "
                                                "lengths [F_sparse, B] int) -> [B] probabilities"}},
@@ -369,10 +385,19 @@ def export_model(
         if vocab:
             shutil.copytree(vocab, tmp / "vocab", ignore=shutil.ignore_patterns("vocab.json"))
         fp32 = script_model(model, manifest)
-        save_script(script_model(model, manifest, quantize, model_spec(config)) if quantize else fp32, tmp / MODEL_FILE)
+        served = fp32
+        if quantize:
+            served = script_model(model, manifest, quantize, model_spec(config))
+        elif mlp_precision == "bfloat16":
+            with products_in_bfloat16(model):
+                served = script_model(model, manifest)
+        save_script(served, tmp / MODEL_FILE)
         manifest["model"]["bytes"] = (tmp / MODEL_FILE).stat().st_size
         if quantize:
             manifest["quantization"] = _compare_quantized(fp32, manifest, config, tmp)
+        if mlp_precision == "bfloat16":
+            fp32_auc, auc = split_aucs([fp32, served], config)
+            manifest["model"]["bfloat16_vs_float32"] = {"test_auc": auc, "fp32_test_auc": fp32_auc, "auc_drop": fp32_auc - auc}
         if onnx:
             manifest["onnx"] = export_onnx(model, manifest, tmp / ONNX_FILE, onnx_table_limit_bytes)
             manifest["onnx"]["max_abs_error_vs_torchscript"] = check_onnx(tmp / ONNX_FILE, fp32, model, config, manifest["onnx"])

@@ -198,7 +198,8 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
     summary: dict = {"bench": "online_summary", "export": str(export), "cpus": os.cpu_count(),
                      "load_average_at_start": round(os.getloadavg()[0], 2), "model_threads": args.threads,
                      "max_batch_rows": args.max_batch_rows, "max_wait_ms": args.max_wait_ms,
-                     "backend": args.backend, "workers": args.workers}  # fmt: skip
+                     "backend": args.backend, "workers": args.workers,
+                     "mlp_precision": json.loads((export / "manifest.json").read_text())["model"].get("mlp_precision", "float32")}  # fmt: skip
     import polars as pl
 
     rows_path = work / "online_rows.arrow"

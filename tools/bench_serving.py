@@ -114,15 +114,24 @@ def main() -> None:
     online.add_argument("--workers", type=int, default=1, help="the server's --workers (processes, one model each)")
     online.add_argument("--backend", default="torchscript", choices=["torchscript", "torch_export", "aoti"],
                         help="the model file the server runs")
+    online.add_argument("--mlp-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="model.pt's MLP precision (recsys export --mlp-precision); auto: bfloat16 where this CPU "
+                        "has AVX512-BF16 or AMX")
     args = parser.parse_args()
     if args.mode == "online":
         from bench_online import run_online
 
         work = Path(args.work)
-        export = work / "export_online"
+        precision = args.mlp_precision
+        if precision == "auto":  # what this host (the serving host here) runs fastest
+            from recsys.models.layers import fast_bfloat16
+
+            precision = "bfloat16" if fast_bfloat16() else "float32"
+        export = work / f"export_online_{precision}"
         if not (export / "manifest.json").exists():  # the offline run's data and run are reused when present
             setup(work, args.rows, args.config)
-            run("export", str(work / "run" / "config.yaml"), "--out", str(export), "--onnx", "--program", "aoti")
+            run("export", str(work / "run" / "config.yaml"), "--out", str(export), "--onnx", "--program", "aoti",
+                "--mlp-precision", precision)
         run_online(export, work / "data" / "test.tsv", work, args)
         return
     paths = setup(Path(args.work), args.rows, args.config)

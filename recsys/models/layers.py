@@ -4,7 +4,9 @@ with the CPU speed habits (bfloat16 products, one-byte dropout), and the table c
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -221,6 +223,21 @@ def mlp_bfloat16(config: Config) -> bool:
     """Whether ``model.mlp_precision`` asks for bfloat16 products on this machine."""
     precision = config.model.mlp_precision
     return precision == "bfloat16" or (precision == "auto" and fast_bfloat16())
+
+
+@contextlib.contextmanager
+def products_in_bfloat16(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every ``MLP`` and ``LowRankCrossNet`` of ``model`` computes in bfloat16, whatever
+    ``model.mlp_precision`` built it with (``recsys export --mlp-precision bfloat16`` traces it so)."""
+    layers = [m for m in model.modules() if isinstance(m, (MLP, LowRankCrossNet))]
+    before = [m.bfloat16 for m in layers]
+    for m in layers:
+        m.bfloat16 = True
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before):
+            m.bfloat16 = was
 
 
 def build_tables(config: Config, extra_columns: int, device: torch.device | str) -> EmbeddingBagCollection:

@@ -16,6 +16,7 @@ Columns are cast to one dtype per kind (dense Float64, ids Utf8) so any requests
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +49,7 @@ class RequestSchema:
     schema: Schema
     max_rows: int
 
-    @property
+    @functools.cached_property
     def columns(self) -> list[str]:
         return [c for c in self.schema.used_columns() if c != self.schema.label]
 

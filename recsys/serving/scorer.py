@@ -16,6 +16,7 @@ from recsys.data.preprocess.parse import BadInput
 from recsys.data.preprocess.pipeline import PhaseStats, bad_input_error
 from recsys.data.preprocess.sources import Chunk, Source
 from recsys.data.schema import schema_from_dict
+from recsys.models.layers import fast_bfloat16
 from recsys.serving.manifest import DamagedExport, read_manifest, verify_export
 from recsys.serving.transform import (
     Preprocessing,
@@ -74,6 +75,7 @@ class Scorer:
         self.preprocessing = Preprocessing(schema, str(folder / pre["vocab_dir"]) if pre["vocab_dir"] else None)
         if self.preprocessing.vocab_dir:
             _check_lookups(Path(self.preprocessing.vocab_dir), schema.sparse)
+        self._unkeyed = replace(self.preprocessing, schema=replace(schema, id_column=""))  # score() aligns by position
         self.keys: list[str] = self.manifest["features"]["sparse"]
         model_path = folder / self.manifest["model"]["file"]
         try:
@@ -87,6 +89,9 @@ class Scorer:
             if "torch_export" not in self.manifest:
                 raise ServingInputError(f"{folder}: no torch.export program; export it with --program")
             self.model = ProgramModel(load_program(folder, backend))
+        if self.manifest["model"].get("mlp_precision") == "bfloat16" and backend == "torchscript" and not fast_bfloat16():
+            warnings.warn(f"{model_path}: its MLP computes in bfloat16, which this CPU (no AVX512-BF16 or AMX) "
+                          "emulates, slower than float32: export with --mlp-precision float32 for it", stacklevel=2)
         self.batch_size = batch_size
         self.last: dict[str, Any] = {}
         exported = self.manifest["versions"]["polars"]
@@ -110,8 +115,7 @@ class Scorer:
         """
         if type(rows).__module__.startswith("pandas"):
             rows = pl.from_pandas(rows)
-        # Scores align with rows: no ids needed.
-        preprocessing = replace(self.preprocessing, schema=replace(self.preprocessing.schema, id_column=""))
+        preprocessing = self._unkeyed
         result = None
         if isinstance(rows, pl.DataFrame):
             if context is not None:

@@ -255,10 +255,10 @@ def _id_rows(schema: Schema, vocab_dir: str | None, cells: dict[str, pl.Series])
         out = stacked.to_frame("text").select(exprs)
         if out["bad"][0]:
             return None
-        bounds = np.cumsum([0] + [len(cells[c]) for c in names])
-        for column, into in (("key", keys), ("row", table_rows)) if schema.sparse_mode == "hash" else (("key", keys),):
-            values = out[column].to_numpy()
-            into.update((c, values[a:b]) for c, a, b in zip(names, bounds[:-1], bounds[1:]))
+        ends = np.cumsum([len(cells[c]) for c in names])[:-1]
+        keys.update(zip(names, np.split(out["key"].to_numpy(), ends)))
+        if schema.sparse_mode == "hash":
+            table_rows.update(zip(names, np.split(out["row"].to_numpy(), ends)))
     if schema.sparse_mode == "vocab" and keys:
         empty = np.zeros(0, dtype=np.int64)
         table_rows = dict(zip(schema.sparse, vocab_rows([keys.get(c, empty) for c in schema.sparse], schema, vocab_dir)))

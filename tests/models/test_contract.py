@@ -1,7 +1,7 @@
 """The contract every registered model keeps (``recsys.models.registry.MODELS``; a model registered later is
 covered without new test code): trained for a few steps on 1 and on 2 gloo processes it computes the same
 losses (within the DeepFM equivalence test's tolerance), resumes from a checkpoint, exports (TorchScript,
-int8, ONNX, or refuses them in one line), and ``recsys predict`` on the raw test rows reproduces the
+a bfloat16 MLP, int8, ONNX, or refuses them in one line), and ``recsys predict`` on the raw test rows reproduces the
 training's test AUC.
 
 One 2-process launch and one 1-process launch train every model (about 2 minutes for four models on the
@@ -78,7 +78,8 @@ def test_exports_and_predict_reproduce_eval(runs: dict, model: str, tiny_raw: Pa
     run_dir, result = runs[f"{model}_w1"]
     spec = MODELS[model]
     config = str(run_dir / "config.yaml")
-    for flags, supported in ((["--quantize", "int8"], spec.int8_parts is not None), (["--onnx"], spec.onnx)):
+    for flags, supported in ((["--quantize", "int8"], spec.int8_parts is not None), (["--onnx"], spec.onnx),
+                             (["--mlp-precision", "bfloat16"], True)):  # fmt: skip
         out = tmp_path / flags[0].strip("-")
         code = main(["export", config, "--out", str(out), *flags])
         if not supported:  # refused in one line, nothing written
@@ -89,6 +90,9 @@ def test_exports_and_predict_reproduce_eval(runs: dict, model: str, tiny_raw: Pa
         if flags[0] == "--quantize":  # the int8 model keeps the fp32 model's test AUC
             quantization = json.loads((out / "manifest.json").read_text())["quantization"]
             assert abs(quantization["auc_drop"]) < 0.01, quantization
+        if flags[0] == "--mlp-precision":  # its MLPs (and cross nets) in bfloat16 keep float32's test AUC
+            record = json.loads((out / "manifest.json").read_text())["model"]["bfloat16_vs_float32"]
+            assert abs(record["auc_drop"]) < 0.01, record
     export = tmp_path / "fp32"
     assert main(["export", config, "--out", str(export)]) == 0
     test_tsv = tiny_raw / "test.tsv"

@@ -82,3 +82,31 @@ def test_a_bfloat16_mlp_exports_in_float32_for_onnx_runtime(serving_run, tmp_pat
     dense, values, lengths = _test_rows(serving_run)
     expected = torch.jit.load(str(serving_run.export / "model.pt")).score_tensors(dense, values, lengths)
     assert torch.equal(torch.jit.load(str(tmp_path / "e" / "model.pt")).score_tensors(dense, values, lengths), expected)
+
+
+def test_a_bfloat16_mlp_export_on_request(serving_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `recsys export --mlp-precision bfloat16`: model.pt's MLP computes in bfloat16 (the manifest compares
+    # its test AUC with float32's); ONNX stays float32, checked against the float32 TorchScript.
+    out = tmp_path / "e"
+    manifest = export_model(serving_run.config, str(out), onnx=True, mlp_precision="bfloat16")
+    model = manifest["model"]
+    assert model["mlp_precision"] == "bfloat16" and abs(model["bfloat16_vs_float32"]["auc_drop"]) <= 0.002, model
+    assert manifest["onnx"]["max_abs_error_vs_torchscript"] <= 1e-5
+    dense, values, lengths = _test_rows(serving_run)
+    fp32 = torch.jit.load(str(serving_run.export / "model.pt")).score_tensors(dense, values, lengths)
+    bf16 = torch.jit.load(str(out / "model.pt")).score_tensors(dense, values, lengths)
+    assert 0 < (bf16 - fp32).abs().max() < 0.02  # other rounding, the same function
+    import recsys.serving.scorer
+
+    monkeypatch.setattr(recsys.serving.scorer, "fast_bfloat16", lambda: False)
+    with pytest.warns(UserWarning, match="emulates, slower than float32"):
+        load(out)
+
+
+@pytest.mark.parametrize("options", [{"mlp_precision": "float16"}, {"mlp_precision": "bfloat16", "quantize": "int8"}])
+def test_bad_mlp_precision_is_refused(serving_run, tmp_path: Path, options: dict) -> None:
+    from recsys.export import ExportError
+
+    with pytest.raises(ExportError, match="--mlp-precision"):
+        export_model(serving_run.config, str(tmp_path / "e"), **options)
+    assert not (tmp_path / "e").exists()
