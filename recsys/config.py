@@ -57,7 +57,11 @@ class DataConfig:
     eval_batch_size: int = setting(16384, low=1)
     shuffle: bool = True
     drop_last: bool = False
-    prefetch_batches: int = setting(2, low=0, zero="batches built in the training thread")
+    # Batches built ahead in a loader thread. null: 2 on a GPU or where the process has a core beyond its
+    # intra-op threads, else 0 (``recsys.data.shards.prefetch_depth``: a third thread on the two intra-op
+    # threads' cores stalls their parallel regions; tools/bench_models.py measured the difference).
+    prefetch_batches: int | None = setting(None, low=0, zero="batches built in the training thread",
+                                           none="2 unless the intra-op threads use every core")
     # Fraction w of the train split's negatives kept (seeded by training.seed; positives all kept). Eval and
     # export correct the probabilities back: p' = p / (p + (1 - p) / w). 1.0 = no downsampling.
     negative_downsampling: float = setting(1.0, low=0, low_open=True, high=1)

@@ -42,7 +42,7 @@ from recsys.checkpoint import (
 from recsys.config import Config, ConfigError, check_device
 from recsys.data.batching import num_batches
 from recsys.data.sampling import downsample_negatives, logit_correction
-from recsys.data.shards import ShardedSplit
+from recsys.data.shards import ShardedSplit, prefetch_depth
 from recsys.distributed.elastic import GracefulStop, TrainingStopped, any_rank, inject_fault
 from recsys.distributed.env import DistEnv, device_type, init_distributed, on_main_rank
 from recsys.distributed.optimizers import build_optimizer
@@ -185,7 +185,8 @@ def build_job(config: Config) -> Job:
 
 def eval_batches(config: Config, env: DistEnv, split: ShardedSplit) -> Iterator[Batch]:
     data = config.data
-    return split.batches(data.per_rank(env.world_size)[1], env.rank, env.world_size, data.prefetch_batches,
+    prefetch = prefetch_depth(data.prefetch_batches, env.device)
+    return split.batches(data.per_rank(env.world_size)[1], env.rank, env.world_size, prefetch,
                          with_groups=bool(data.group_column))
 
 
@@ -344,10 +345,11 @@ def _train(config: Config, stop: GracefulStop, verify: bool, held: contextlib.Ex
     # A bar redrawn into a file (TorchX and batch logs) is a line per redraw: there, one line per logged window.
     show_bar = env.is_main and config.logging.progress_bar and sys.stderr.isatty()
     print_lines = env.is_main and not show_bar
+    prefetch = prefetch_depth(cfg_data.prefetch_batches, env.device)
     dmp.train()
     while progress["epoch"] < cfg_train.epochs and progress["step"] < max_steps and not stopper.stopped:
         batches = splits.train.batches(
-            rank_batch, env.rank, env.world_size, cfg_data.prefetch_batches, shuffle=cfg_data.shuffle,
+            rank_batch, env.rank, env.world_size, prefetch, shuffle=cfg_data.shuffle,
             seed=cfg_train.seed, epoch=progress["epoch"], drop_last=cfg_data.drop_last,
             start_batch=progress["batch_in_epoch"],
         )  # fmt: skip

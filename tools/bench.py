@@ -25,8 +25,11 @@ Regimes: ``small`` (the 26 Criteo-Kaggle cardinalities capped at 40k rows) and `
 themselves, 33.8M rows). A contender whose epoch would take too long runs ``--slow-steps`` steps instead; its
 line says ``"steps"`` and ``"epoch": false``.
 
+Train samples/s count the steps after the first ``WARMUP_STEPS`` (20) for recsys and the plain loop alike
+(DeepCTR's ``model.fit``: every step); ``train_samples_per_s_all_steps`` counts every step.
+
 Prints one JSON line per contender and regime (train and eval samples/s, peak RSS of the process tree,
-test AUC / logloss), one for the box's bound (the MLP alone: forward, backward and Adam step at the same
+test AUC / logloss, the CPU other processes and the hypervisor took meanwhile), one for the box's bound (the MLP alone: forward, backward and Adam step at the same
 width and batch) and a summary line with the ratios. Run it alone on the machine: other load skews it.
 """
 
@@ -37,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -117,18 +121,31 @@ def model_shape() -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ contenders
 
 
-def train_recsys(shards: Path, run_dir: Path, overrides: list[str] = ()) -> tuple[int, list[dict[str, Any]]]:
-    """``recsys train configs/synthetic.yaml`` on ``shards`` -> (peak RSS bytes, metrics.jsonl records)."""
+WARMUP_STEPS = 20
+
+
+def steady_rate(step_ends: list[float], batch: int, rows: int) -> dict[str, Any]:
+    """Train samples/s after the first ``WARMUP_STEPS`` steps (``step_ends``: the clock before the first step
+    and after each), and the rate over every step; the last batch holds the epoch's remaining rows."""
+    steps = len(step_ends) - 1
+    warm = min(WARMUP_STEPS, steps // 2)
+    samples = min(steps * batch, rows)
+    return {"train_samples_per_s": round((samples - warm * batch) / (step_ends[-1] - step_ends[warm])),
+            "train_samples_per_s_all_steps": round(samples / (step_ends[-1] - step_ends[0])), "steps": steps}
+
+
+def train_recsys(shards: Path, run_dir: Path, overrides: list[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``recsys train configs/synthetic.yaml`` on ``shards`` -> (``measure_process``'s, metrics.jsonl records)."""
     command = [sys.executable, "-m", "recsys", "train", str(REPO / "configs" / "synthetic.yaml"),
                *recsys_overrides(shards, run_dir), *overrides]  # fmt: skip
-    peak = measure_process(command)
-    return peak, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    measured = measure_process(command)
+    return measured, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def recsys_overrides(shards: Path, run_dir: Path) -> list[str]:
     return [f"data.{s}={shards / s}" for s in ("train", "val", "test")] + [
         f"training.run_dir={run_dir}", "training.resume=false", "logging.progress_bar=false",
-        "logging.tensorboard=false",
+        "logging.tensorboard=false", f"logging.log_every_steps={WARMUP_STEPS}",
     ]  # fmt: skip
 
 
@@ -136,26 +153,30 @@ def run_recsys(shards: Path, work: Path, overrides: list[str] = ()) -> dict[str,
     """configs/synthetic.yaml with its data paths pointed at the regime's shards (and ``overrides``); train,
     then eval."""
     run_dir = work / "run"
-    train_peak, records = train_recsys(shards, run_dir, overrides)
-    steps = [r for r in records if r["stage"] == "train"]
-    seconds, samples, last_step = 0.0, 0.0, 0
+    trained, records = train_recsys(shards, run_dir, overrides)
     batch = model_shape()["batch_size"]
-    for r in steps:  # each window logs its rate; its length is the step count since the previous window
-        window = (r["step"] - last_step) * batch
-        seconds, samples, last_step = seconds + window / r["samples_per_s"], samples + window, r["step"]
-    eval_peak = measure_process([sys.executable, "-m", "recsys", "eval", str(REPO / "configs" / "synthetic.yaml"),
+    # Each window of logging.log_every_steps (= WARMUP_STEPS) logs its rate: the first is the warm-up.
+    windows, last_step = [], 0
+    for r in (r for r in records if r["stage"] == "train"):
+        windows.append(((r["step"] - last_step) * batch, (r["step"] - last_step) * batch / r["samples_per_s"]))
+        last_step = r["step"]
+    steady = windows[1:] if len(windows) > 1 else windows
+    evaluated = measure_process([sys.executable, "-m", "recsys", "eval", str(REPO / "configs" / "synthetic.yaml"),
                                  *recsys_overrides(shards, run_dir), *overrides, "--split", "test"])  # fmt: skip
     test = [r for r in records if r["stage"] == "test"][-1]
     return {
-        "train_samples_per_s": round(samples / seconds),
+        "train_samples_per_s": round(sum(n for n, _ in steady) / sum(t for _, t in steady)),
+        "train_samples_per_s_all_steps": round(sum(n for n, _ in windows) / sum(t for _, t in windows)),
         "eval_samples_per_s": round(test["samples_per_s"]),
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
         "steps": last_step,
         "epoch": True,
-        "peak_rss_gib": round(max(train_peak, eval_peak) / 2**30, 3),
-        "peak_rss_gib_train_and_save": round(train_peak / 2**30, 3),
-        "peak_rss_gib_load_and_eval": round(eval_peak / 2**30, 3),
+        "peak_rss_gib": round(max(trained["peak_rss"], evaluated["peak_rss"]) / 2**30, 3),
+        "peak_rss_gib_train_and_save": round(trained["peak_rss"] / 2**30, 3),
+        "peak_rss_gib_load_and_eval": round(evaluated["peak_rss"] / 2**30, 3),
+        "other_cores": trained["other_cores"],
+        "steal_pct": trained["steal_pct"],
     }
 
 
@@ -166,8 +187,14 @@ def _worker_command(contender: str, shards: Path, out: Path, slow_steps: int, th
 
 def run_in_worker(contender: str, shards: Path, work: Path, slow_steps: int, threads: int) -> dict[str, Any]:
     out = work / f"{contender}.json"
-    peak = measure_process(_worker_command(contender, shards, out, slow_steps, threads))
-    return {**json.loads(out.read_text()), "peak_rss_gib": round(peak / 2**30, 3)}
+    measured = measure_process(_worker_command(contender, shards, out, slow_steps, threads))
+    return with_measures(json.loads(out.read_text()), measured)
+
+
+def with_measures(result: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """A worker's result with ``measure_process``'s figures."""
+    return {**result, "peak_rss_gib": round(measured["peak_rss"] / 2**30, 3), "other_cores": measured["other_cores"],
+            "steal_pct": measured["steal_pct"]}
 
 
 class PlainDeepFM:
@@ -223,16 +250,16 @@ def worker_plain(shards: Path, slow_steps: int) -> dict[str, Any]:
     steps = -(-len(labels) // batch)
     epoch = sum(sizes) <= 2_000_000  # dense Adam over every table row: Kaggle-sized tables run slow_steps
     steps = steps if epoch else min(steps, slow_steps)
-    start = time.perf_counter()
+    step_ends = [time.perf_counter()]
     for step in range(steps):
         rows = order[step * batch : (step + 1) * batch]
         loss = loss_fn(model(dense[rows], sparse[rows]), labels[rows])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    train_seconds = time.perf_counter() - start
-    return {"train_samples_per_s": round(min(steps * batch, len(labels)) / train_seconds), "steps": steps,
-            "epoch": epoch, **evaluate_plain(model, shards, shape["eval_batch_size"], CTRMetrics())}  # fmt: skip
+        step_ends.append(time.perf_counter())
+    return {**steady_rate(step_ends, batch, len(labels)), "epoch": epoch,
+            **evaluate_plain(model, shards, shape["eval_batch_size"], CTRMetrics())}
 
 
 def evaluate_plain(model: Any, shards: Path, batch: int, metrics: Any) -> dict[str, Any]:
@@ -319,12 +346,27 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {"plain": worker_plain, "dee
 # ------------------------------------------------------------------------------------------- measuring
 
 
-def measure_process(command: list[str]) -> int:
-    """Runs ``command`` to completion and returns the peak summed RSS of its process tree (bytes)."""
+def box_cpu() -> tuple[float, float, float]:
+    """(busy, steal, all) CPU seconds of the machine since boot, summed over its cores (/proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in open("/proc/stat").readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick, (user + nice + system + idle + iowait + irq + softirq + steal) / tick
+
+
+def measure_process(command: list[str]) -> dict[str, Any]:
+    """Runs ``command`` to completion -> ``peak_rss`` (bytes, its process tree), and what else took the
+    machine meanwhile: ``other_cores`` (busy CPU seconds outside its tree and this process, per second of its
+    run: other users' processes) and ``steal_pct`` (time the hypervisor gave the VM's cores to other guests)."""
+    before, children, own = box_cpu(), resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
     proc, _, errors, peak = run_measured(command, {"PYTHONUNBUFFERED": "1"}, pss=False)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{errors[-4000:]}")
-    return peak["rss"]
+    wall, after = time.perf_counter() - started, box_cpu()
+    ours = sum(getattr(resource.getrusage(who), f) - getattr(then, f) for who, then in
+               ((resource.RUSAGE_CHILDREN, children), (resource.RUSAGE_SELF, own)) for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    return {"peak_rss": peak["rss"], "other_cores": round(max(0.0, after[0] - before[0] - ours) / wall, 2),
+            "steal_pct": round(100 * (after[1] - before[1]) / max(after[2] - before[2], 1e-9), 1)}
 
 
 def summary(results: dict[tuple[str, str], dict[str, Any]], bound: float) -> dict[str, Any]:
@@ -354,6 +396,8 @@ def main() -> None:
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"who trains, comma-separated, of {','.join(CONTENDERS)} (deepctr: small tables only)")
     parser.add_argument("--slow-steps", type=int, default=10, help="steps of a contender too slow for an epoch")
+    parser.add_argument("--repeats", type=int, default=3, help="with --models: rounds of the contenders of "
+                        "the speed ratios, interleaved; each reports its median (default 3)")
     parser.add_argument("--work", type=Path, help="keep generated data and runs here (reused when present)")
     parser.add_argument("--worker", choices=[*WORKERS, "mlp"], help=argparse.SUPPRESS)
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
@@ -385,7 +429,8 @@ def main() -> None:
         if args.models:
             from bench_models import run_models
 
-            run_models(raw, work, (args.regimes or "tiny,small,kaggle").split(","), args.threads, args.slow_steps, host)
+            run_models(raw, work, (args.regimes or "tiny,small,kaggle").split(","), args.threads, args.slow_steps,
+                       args.repeats, host)  # fmt: skip
             return
         mlp = work / "mlp.json"
         subprocess.run([sys.executable, __file__, "--worker", "mlp", "--result", str(mlp), "--threads",

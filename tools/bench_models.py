@@ -16,21 +16,32 @@ split:
   for the tables, ``TrainPipelineSparseDist``, dense Adagrad; same rows (recsys's loader), dims, batch,
   threads and table optimizer settings as ``recsys_dlrm_dcnv2``.
 
+Timing, the same rule for every contender: train samples/s over the epoch's steps after the first
+``bench.WARMUP_STEPS`` (20: recsys's first logged window; in the plain and TorchRec loops the clock read
+after step 20), so one-off costs (first allocations, oneDNN's kernel choice, the pipeline filling, a first
+step of 2.5 s once in the plain loop) do not count; ``train_samples_per_s_all_steps`` counts every step.
+The contenders of the speed ratios (``TIMED``) train ``--repeats`` times (default 3) in interleaved rounds,
+every other one in reverse order, and report the median rate (each run's is listed). Why: on this 2-core VM
+one contender's rate moved by up to a third between runs of the same code, with other users' processes
+taking up to 1.5 cores (``other_cores``) and the hypervisor up to 25% of the cores (``steal_pct``, from
+/proc/stat), both reported per run.
+
 Prints one JSON line per contender and regime (train/eval samples/s, peak RSS of the process tree, test
-AUC) and a summary line per regime with the ratios the issue's targets name.
+AUC, the load beside it) and a summary line per regime with the ratios the issue's targets name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import KAGGLE_CARDINALITIES, REGIMES, measure_process, model_shape, preprocess, run_in_worker, run_recsys
+from bench import KAGGLE_CARDINALITIES, REGIMES, measure_process, model_shape, preprocess, run_in_worker, run_recsys, steady_rate, with_measures
 
 from recsys.models.registry import MODELS
 
@@ -110,16 +121,17 @@ def worker_torchrec(shards: Path) -> dict[str, Any]:
     pipeline = TrainPipelineSparseDist(dmp, CombinedOptimizer([dmp.fused_optimizer, dense_optimizer]), torch.device("cpu"),
                                        execute_all_batches=True)  # fmt: skip
     train = ShardedSplit(str(shards / "train"))
-    batches = iter(train.batches(batch, shuffle=True, seed=0))
-    start, steps = time.perf_counter(), 0
+    # The example's DataLoader (batch_size=None, no workers) builds each batch in the training process, as
+    # recsys's loader does here with prefetch 0 (also recsys's own choice on these 2 cores: prefetch_depth).
+    batches = iter(train.batches(batch, shuffle=True, seed=0, prefetch=0))
+    step_ends = [time.perf_counter()]
     dmp.train()
     while True:
         try:
             pipeline.progress(batches)
-            steps += 1
         except StopIteration:
             break
-    train_seconds = time.perf_counter() - start
+        step_ends.append(time.perf_counter())
     dmp = pipeline.detach()  # the plain forward again (the pipeline swapped in its own)
     dmp.eval()
     metrics = CTRMetrics()
@@ -132,15 +144,15 @@ def worker_torchrec(shards: Path) -> dict[str, Any]:
             rows += len(labels)
     eval_seconds = time.perf_counter() - start
     result = metrics.compute()
-    return {"train_samples_per_s": round(len(train) / train_seconds), "eval_samples_per_s": round(rows / eval_seconds),
-            "test_auc": result["auc"], "test_logloss": result["logloss"], "steps": steps, "epoch": True}  # fmt: skip
+    return {**steady_rate(step_ends, batch, len(train)), "eval_samples_per_s": round(rows / eval_seconds),
+            "test_auc": result["auc"], "test_logloss": result["logloss"], "epoch": True}  # fmt: skip
 
 
 def run_torchrec(shards: Path, work: Path, threads: int) -> dict[str, Any]:
     out = work / "torchrec.json"
     command = [sys.executable, __file__, "--worker", str(shards), str(out), str(threads)]
-    peak = measure_process(command)
-    return {**json.loads(out.read_text()), "peak_rss_gib": round(peak / 2**30, 3)}
+    measured = measure_process(command)
+    return with_measures(json.loads(out.read_text()), measured)
 
 
 def regime_summary(regime: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -160,25 +172,49 @@ def regime_summary(regime: str, results: dict[str, dict[str, Any]]) -> dict[str,
     return out
 
 
-def run_models(raw: Path, work: Path, regimes: list[str], threads: int, slow_steps: int, host: dict[str, Any]) -> None:
+# The contenders of the speed ratios: timed ``repeats`` times, interleaved, each reporting its median.
+TIMED = ("recsys_deepfm", "recsys_dlrm_dcnv2", "plain", "torchrec_dlrm_dcn")
+
+
+def run_contender(contender: str, shards: Path, run_work: Path, threads: int, slow_steps: int) -> dict[str, Any]:
+    shutil.rmtree(run_work, ignore_errors=True)  # a rerun's metrics.jsonl starts empty
+    run_work.mkdir(parents=True)
+    # The previous contender's checkpoint (4 GiB with Kaggle-sized tables) is written back to disk
+    # before this one starts, not during its training: overlapping, it cost recsys's DLRM-DCNv2
+    # 40% of its rate on Kaggle-sized tables (31,755 samples/s right after DCNv2's run, 53,292).
+    os.sync()
+    if contender == "plain":
+        return run_in_worker("plain", shards, run_work, slow_steps, threads)
+    if contender == "torchrec_dlrm_dcn":
+        return run_torchrec(shards, run_work, threads)
+    model = contender.removeprefix("recsys_")
+    return run_recsys(shards, run_work, [f"model.name={model}", *MODEL_KEYS[model], *COMMON_KEYS])
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's runs -> the first run's line with the median train and eval rates (each run's listed)."""
+    out = dict(runs[0])
+    if len(runs) > 1:
+        for key in ("train_samples_per_s", "eval_samples_per_s"):
+            out[key] = round(statistics.median(r[key] for r in runs))
+        out["train_samples_per_s_runs"] = [r["train_samples_per_s"] for r in runs]
+        out["other_cores_runs"] = [r["other_cores"] for r in runs]
+        out["steal_pct_runs"] = [r["steal_pct"] for r in runs]
+    return out
+
+
+def run_models(raw: Path, work: Path, regimes: list[str], threads: int, slow_steps: int, repeats: int,
+               host: dict[str, Any]) -> None:  # fmt: skip
     for regime in regimes:
         shards = preprocess(raw, work / f"shards_{regime}", MODEL_REGIMES[regime])
-        results: dict[str, dict[str, Any]] = {}
-        for contender in [*(f"recsys_{m}" for m in MODELS), "plain", "torchrec_dlrm_dcn"]:
-            run_work = work / f"{contender}_{regime}"
-            run_work.mkdir(parents=True, exist_ok=True)
-            # The previous contender's checkpoint (4 GiB with Kaggle-sized tables) is written back to disk
-            # before this one starts, not during its training: overlapping, it cost recsys's DLRM-DCNv2
-            # 40% of its rate on Kaggle-sized tables (31,755 samples/s right after DCNv2's run, 53,292).
-            os.sync()
-            if contender == "plain":
-                result = run_in_worker("plain", shards, run_work, slow_steps, threads)
-            elif contender == "torchrec_dlrm_dcn":
-                result = run_torchrec(shards, run_work, threads)
-            else:
-                model = contender.removeprefix("recsys_")
-                result = run_recsys(shards, run_work, [f"model.name={model}", *MODEL_KEYS[model], *COMMON_KEYS])
-            results[contender] = result
+        contenders = [*(f"recsys_{m}" for m in MODELS), "plain", "torchrec_dlrm_dcn"]
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+        for round_ in range(repeats):  # later rounds: the timed contenders, every other round in reverse order
+            order = contenders if round_ == 0 else [c for c in contenders if c in TIMED][:: -1 if round_ % 2 else 1]
+            for contender in order:
+                runs[contender].append(run_contender(contender, shards, work / f"{contender}_{regime}", threads, slow_steps))
+        results = {contender: median_of(contender_runs) for contender, contender_runs in runs.items()}
+        for contender, result in results.items():
             line = {"bench": contender, "regime": regime, "table_rows": sum(MODEL_REGIMES[regime]), **result, **host}
             print(json.dumps(line), flush=True)
         print(json.dumps(regime_summary(regime, results)), flush=True)

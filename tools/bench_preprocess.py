@@ -178,14 +178,16 @@ def bench_preprocess(args: argparse.Namespace) -> None:
 def bench_loader(args: argparse.Namespace) -> None:
     """Loader-only batches/s over the train split vs training steps/s of the same config."""
     from recsys.config import load_config
-    from recsys.data.shards import ShardedSplit
+    import torch
+
+    from recsys.data.shards import ShardedSplit, prefetch_depth
 
     config = load_config(args.config, [f"data.{s}={args.shards}/{s}" for s in ("train", "val", "test")])
     split = ShardedSplit(f"{args.shards}/train")
     batch_size = config.data.batch_size
     # The first pass maps the shards' pages into this process (page faults): what a run's first epoch pays.
-    runs = [("first_pass", config.data.prefetch_batches, 0), ("warm", 0, 1),
-            ("warm", config.data.prefetch_batches, 2)]
+    prefetch = prefetch_depth(config.data.prefetch_batches, torch.device("cpu"))
+    runs = [("first_pass", prefetch, 0), ("warm", 0, 1), ("warm", prefetch, 2)]
     for label, prefetch, epoch in runs:
         started, count = time.perf_counter(), 0
         for _ in split.batches(batch_size, shuffle=True, seed=0, epoch=epoch, prefetch=prefetch):

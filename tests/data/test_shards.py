@@ -113,6 +113,25 @@ def test_stopping_early_stops_the_prefetch_thread(id_dataset):
     assert not thread.is_alive()
 
 
+def test_prefetch_thread_only_where_a_core_is_spare(monkeypatch):
+    """On CPU a loader thread beside intra-op threads on every core stalls their parallel regions: null
+    prefetches only with a spare core (or a GPU); a configured depth is kept."""
+    import os
+
+    import torch
+
+    from recsys.data.shards import PREFETCH_DEPTH, prefetch_depth
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert prefetch_depth(None, cpu) == 0
+    assert prefetch_depth(3, cpu) == 3
+    assert prefetch_depth(None, torch.device("cuda")) == PREFETCH_DEPTH
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert prefetch_depth(None, cpu) == PREFETCH_DEPTH
+
+
 @pytest.fixture(scope="module")
 def criteo_out(tmp_path_factory):
     root = tmp_path_factory.mktemp("criteo")
