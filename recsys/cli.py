@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "train",
         "YAML config, e.g. configs/synthetic.yaml",
-        help="train DeepFM from a YAML config",
+        help="train a model (model.name: DeepFM by default) from a YAML config",
         description="Trains, evaluating on the val split every training.eval_every_steps and at each epoch "
         "end (and stopping early with early_stopping.enabled), checkpointing into training.run_dir (and "
         "resuming from its latest checkpoint), then reports val and test metrics and draws run_dir/plots/. "
