@@ -23,7 +23,7 @@ step of 2.5 s once in the plain loop) do not count; ``train_samples_per_s_all_st
 The contenders of the speed ratios (``TIMED``) train ``--repeats`` times (default 3) in interleaved rounds,
 every other one in reverse order, and report the median rate (each run's is listed). Why: on this 2-core VM
 one contender's rate moved by up to a third between runs of the same code, with other users' processes
-taking up to 1.5 cores (``other_cores``) and the hypervisor up to 25% of the cores (``steal_pct``, from
+taking about a core at times (``other_cores``) and the hypervisor up to 25% of the cores (``steal_pct``, from
 /proc/stat), both reported per run.
 
 Prints one JSON line per contender and regime (train/eval samples/s, peak RSS of the process tree, test
