@@ -23,7 +23,7 @@ step of 2.5 s once in the plain loop) do not count; ``train_samples_per_s_all_st
 The contenders of the speed ratios (``TIMED``) train ``--repeats`` times (default 3) in interleaved rounds,
 every other one in reverse order, and report the median rate (each run's is listed). Why: on this 2-core VM
 one contender's rate moved by up to a third between runs of the same code, with other users' processes
-taking up to 1.5 cores (``other_cores``) and the hypervisor up to 25% of the cores (``steal_pct``, from
+taking about a core at times (``other_cores``) and the hypervisor up to 25% of the cores (``steal_pct``, from
 /proc/stat), both reported per run.
 
 Prints one JSON line per contender and regime (train/eval samples/s, peak RSS of the process tree, test
@@ -47,10 +47,11 @@ from recsys.models.registry import MODELS
 
 TINY_TABLE_ROWS = 4_600
 MODEL_REGIMES = {"tiny": [min(n, TINY_TABLE_ROWS) for n in KAGGLE_CARDINALITIES], **REGIMES}
-# The cross networks over all 39 (DCNv2) or 27 (DLRM-DCNv2) fields of 16 columns are low-rank (64), and the
-# bottom MLPs [64] -> 16: the same dims for recsys's DLRM-DCNv2 and TorchRec's DLRM_DCN.
+# Fields of 16 columns; the bottom MLPs [64] -> 16. The cross networks are low-rank: DCNv2's over its 39
+# fields as BARS's DCNv2 (3 layers of rank 32), DLRM-DCNv2's over 27 fields 3 layers of rank 16. TorchRec's
+# DLRM_DCN takes recsys's DLRM-DCNv2 recipe's dims.
 BOTTOM_LAYERS = [64]
-CROSS_LAYERS, LOW_RANK = 3, 64
+CROSS_LAYERS, DCNV2_LOW_RANK, DLRM_DCNV2_LOW_RANK = 3, 32, 16
 # Each model's recipe: configs/synthetic.yaml (tuned for DeepFM) with these keys, chosen on the val AUC of the
 # tiny regime at 600k rows (test AUCs quoted). The table optimizer's eps 1e-3 there damps the first updates
 # of rare ids, which suits DeepFM's first-order weights; the models without them train better with FBGEMM's,
@@ -60,14 +61,23 @@ CROSS_LAYERS, LOW_RANK = 3, 64
 # facebookresearch's, has no dropout (+0.0013); its tables start at std 0.05 (+0.0014: the gradient of a
 # dot is the other vector, so at 0.01 the dots barely move at first) and take smaller first steps
 # (sparse_lr 0.03: +0.0013 over 0.05, 0.02 +0.0008).
+# Then on val AUC at 500k rows, tiny / small tables: DLRM-DCNv2's cross net of rank 16 (+0.0011 / +0.0012
+# over 64; 32 +0.0009 / +0.0004, 8 +0.0008, 128 -0.0031, 256 -0.0043; with the top MLP [128, 64] -0.0005,
+# 2 cross layers -0.0002, D 32 -0.0004, bottom [128, 64] -0.0007, dropout 0 -0.0001); DCNv2 as BARS sets
+# it, rank 32 and dropout 0.1 (+0.0001 / +0.0002 over rank 64 and dropout 0.2; full rank -0.0005, stacked
+# +0.0001 on val but -0.0007 on test, Adam 3e-3 -0.0002, D 32 0.0000). Nothing raised DLRM's: D 32
+# -0.0008, top MLP [512, 256] -0.0018 and [128, 64] +0.0001 / -0.0003, bottom [128] -0.0026, tables at std 0.1
+# -0.0017, dense weight decay 1e-6 -0.0001, facebookresearch's self-dots in the interaction -0.0008; the
+# recipe's 2 epochs with early stopping kept the first epoch for every model (the second over-fits).
 SPARSE_EPS = "optimizer.sparse_eps=1e-8"
 MODEL_KEYS = {
     "deepfm": [],
     "dlrm": [f"model.dlrm.bottom_layers={BOTTOM_LAYERS}", SPARSE_EPS, "optimizer.sparse_lr=0.03",
              "optimizer.dense_lr=3e-3", "model.dropout=0", "model.embedding_init_std=0.05"],
-    "dcnv2": [f"model.dcnv2.cross_layers={CROSS_LAYERS}", f"model.dcnv2.low_rank={LOW_RANK}", SPARSE_EPS],
+    "dcnv2": [f"model.dcnv2.cross_layers={CROSS_LAYERS}", f"model.dcnv2.low_rank={DCNV2_LOW_RANK}", SPARSE_EPS,
+              "model.dropout=0.1"],
     "dlrm_dcnv2": [f"model.dlrm_dcnv2.bottom_layers={BOTTOM_LAYERS}", f"model.dlrm_dcnv2.cross_layers={CROSS_LAYERS}",
-                   f"model.dlrm_dcnv2.low_rank={LOW_RANK}", SPARSE_EPS, "optimizer.dense_lr=3e-3"],
+                   f"model.dlrm_dcnv2.low_rank={DLRM_DCNV2_LOW_RANK}", SPARSE_EPS, "optimizer.dense_lr=3e-3"],
 }  # fmt: skip
 # Dense Adagrad's rate for TorchRec's loop (the example takes --learning_rate per run): Adagrad's steps shrink
 # as squared gradients accumulate, so it needs a larger rate than Adam.
@@ -100,15 +110,15 @@ def worker_torchrec(shards: Path) -> dict[str, Any]:
     dist.init_process_group("gloo", rank=0, world_size=1)
     # The table optimizer of recsys's DLRM-DCNv2 recipe: the same sparse rate and eps.
     recipe = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml", MODEL_KEYS["dlrm_dcnv2"])
-    shape, opt = model_shape(), recipe.optimizer
+    shape, opt, dims = model_shape(), recipe.optimizer, recipe.model.dlrm_dcnv2
     meta = json.loads((shards / "metadata.json").read_text())
     sparse, dense = meta["features"]["sparse"], meta["features"]["dense"]
     dim, batch = shape["embedding_dim"], shape["batch_size"]
     torch.manual_seed(0)
     tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=meta["table_sizes"][f], feature_names=[f])
               for f in sparse]  # fmt: skip
-    model = DLRM_DCN(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), len(dense), [*BOTTOM_LAYERS, dim],
-                     [*shape["deep_layers"], 1], dcn_num_layers=CROSS_LAYERS, dcn_low_rank_dim=LOW_RANK)  # fmt: skip
+    model = DLRM_DCN(EmbeddingBagCollection(tables=tables, device=torch.device("meta")), len(dense), [*dims.bottom_layers, dim],
+                     [*shape["deep_layers"], 1], dcn_num_layers=dims.cross_layers, dcn_low_rank_dim=dims.low_rank)  # fmt: skip
     train_model = DLRMTrain(model)
     apply_optimizer_in_backward(torch.optim.Adagrad, train_model.model.sparse_arch.parameters(),
                                 {"lr": opt.sparse_lr, "eps": opt.sparse_eps})  # fmt: skip
