@@ -276,8 +276,7 @@ def save_script(module: torch.jit.ScriptModule, path: Path) -> None:
         torch.jit.save(module, fh)
 
 
-def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None,
-                    mlp_precision: str = "float32") -> None:
+def check_supported(config: Config, quantize: str | None, onnx: bool, program: str | None = None) -> None:
     """UnsupportedByModel (one line, exit 2) when the configured model lacks the export hook asked for."""
     spec, name = model_spec(config), config.model.name
     if quantize and spec.int8_parts is None:
@@ -288,11 +287,6 @@ def check_supported(config: Config, quantize: str | None, onnx: bool, program: s
         raise UnsupportedByModel(f"--program {program} is not supported for model {name}")
     if program and quantize:
         raise ExportError("--program carries fp32 tables only: quantized tables are FBGEMM operators (TorchScript)")
-    if mlp_precision not in MLP_PRECISIONS:
-        raise ExportError(f"--mlp-precision must be one of {list(MLP_PRECISIONS)}, got {mlp_precision!r}")
-    if mlp_precision == "bfloat16" and quantize:
-        raise ExportError("--mlp-precision bfloat16 goes with fp32 tables: a quantized export's MLP keeps int8 "
-                          "weights and computes in float32")
 
 
 def _check_destination(out: Path) -> None:
@@ -339,12 +333,17 @@ def export_model(
     ``negative_sampling_rate``: the fraction of negatives training kept (1.0 = all; None: the run's
     ``data.negative_downsampling``); the served probabilities are corrected for it.
     """
-    check_supported(config, quantize, onnx, program, mlp_precision)
+    check_supported(config, quantize, onnx, program)
     config = resolve_config(config)
     if negative_sampling_rate is None:
         negative_sampling_rate = config.data.negative_downsampling
     if quantize is not None and quantize not in QUANTIZE:
         raise ExportError(f"--quantize must be one of {sorted(QUANTIZE)}, got {quantize!r}")
+    if mlp_precision not in MLP_PRECISIONS:
+        raise ExportError(f"--mlp-precision must be one of {list(MLP_PRECISIONS)}, got {mlp_precision!r}")
+    if mlp_precision == "bfloat16" and quantize:
+        raise ExportError("--mlp-precision bfloat16 goes with fp32 tables: a quantized export's MLP keeps int8 "
+                          "weights and computes in float32")
     if not 0 < negative_sampling_rate <= 1:
         raise ExportError(f"negative_sampling_rate must be in (0, 1], got {negative_sampling_rate}")
     out = Path(out_dir)
