@@ -130,3 +130,18 @@ def test_sweep(tmp_path: Path) -> None:
     lines = run_tool("tools/sweep.py", "--seeds", "0", "--rows", "6000", "--work", str(tmp_path), "model.dropout=0.1")
     assert lines[-1]["ranking"][0]["overrides"] == "model.dropout=0.1"
 
+
+
+def test_bench_models_recipes_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model's recipe keys in tools/bench_models.py are valid overrides of configs/synthetic.yaml: a
+    misspelt key fails here, not after half an hour of ``tools/bench.py --models``."""
+    from recsys.config import load_config
+    from recsys.models.registry import MODELS
+
+    monkeypatch.setattr(sys, "path", [str(REPO / "tools"), *sys.path])
+    from bench_models import COMMON_KEYS, MODEL_KEYS
+
+    assert set(MODEL_KEYS) == set(MODELS)
+    for model, keys in MODEL_KEYS.items():
+        config = load_config(REPO / "configs" / "synthetic.yaml", [f"model.name={model}", *keys, *COMMON_KEYS])
+        assert config.model.name == model and config.training.epochs == 1
