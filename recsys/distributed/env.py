@@ -63,10 +63,11 @@ def init_distributed(compute_device: str = "auto") -> DistEnv:
             # A group of one on an in-process store: no port to bind, and no launcher variables left in
             # os.environ for child processes (a torchx/torchrun job started from here) to inherit.
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-        # Destroyed while the interpreter is whole: left to its teardown, gloo's worker threads now and then
-        # abort the process after the command's work is done ("terminate called without an active
-        # exception", exit -6; pytorch/pytorch#190489). A no-op where the caller destroyed it already.
-        atexit.register(shutdown_distributed)
+            # Destroyed while the interpreter is whole: left to its teardown, gloo's worker threads now and
+            # then abort the process after the command's work is done ("terminate called without an active
+            # exception", exit -6; pytorch/pytorch#190489). Not a launched group's: its destroy reaches
+            # for the launcher's store, which the first node to finish has closed (a warning per rank).
+            atexit.register(shutdown_distributed)
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
 
 

@@ -131,7 +131,6 @@ def test_sweep(tmp_path: Path) -> None:
     assert lines[-1]["ranking"][0]["overrides"] == "model.dropout=0.1"
 
 
-
 def test_bench_models_recipes_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each model's recipe keys in tools/bench_models.py are valid overrides of configs/synthetic.yaml: a
     misspelt key fails here, not after half an hour of ``tools/bench.py --models``."""
