@@ -12,9 +12,9 @@ from tests.helpers import child_env
 
 @pytest.mark.slow  # a child process: what happens at its exit is the point
 def test_the_process_group_is_destroyed_before_the_interpreter_tears_down() -> None:
-    """A group of one (no launcher) left to the interpreter's teardown lets gloo's threads abort the process now and then (exit
-    -6 after `recsys eval` printed its result); init_distributed's atexit hook destroys it first. atexit
-    runs hooks last-registered first, so this hook, registered before, sees the group gone."""
+    """A group of one (no launcher) left to the interpreter's teardown lets gloo's threads abort the process
+    now and then (exit -6 after `recsys eval` printed its result); init_distributed's atexit hook destroys it
+    first. atexit runs hooks last-registered first, so this hook, registered before, sees the group gone."""
     code = (
         "import atexit, torch.distributed as dist\n"
         "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
