@@ -56,9 +56,9 @@ CROSS_LAYERS, DCNV2_LOW_RANK, DLRM_DCNV2_LOW_RANK = 3, 32, 16
 # tiny regime at 600k rows (test AUCs quoted). The table optimizer's eps 1e-3 there damps the first updates
 # of rare ids, which suits DeepFM's first-order weights; the models without them train better with FBGEMM's,
 # TorchRec's and recsys's default 1e-8 (DLRM-DCNv2 +0.0037, DCNv2 +0.0022, DLRM +0.0043), and better still
-# between the two at 1e-5 (below). Through a dot
-# or cross interaction the MLPs learn slower than DeepFM's: the DLRM family takes Adam at 3e-3 (+0.0005,
-# +0.0006; 5e-3 and 1e-2 were worse), within Adam's usual range for Criteo. DLRM, as TorchRec's and
+# between the two at 1e-5 (below). Through a dot or cross interaction the MLPs learn slower than DeepFM's:
+# the DLRM family takes Adam at 3e-3 (+0.0005, +0.0006; 5e-3 and 1e-2 were worse), within Adam's usual
+# range for Criteo. DLRM, as TorchRec's and
 # facebookresearch's, has no dropout (+0.0013); its tables start at std 0.05 (+0.0014: the gradient of a
 # dot is the other vector, so at 0.01 the dots barely move at first) and, at eps 1e-8, took smaller first
 # steps (sparse_lr 0.03: +0.0013 over 0.05).
@@ -81,16 +81,17 @@ CROSS_LAYERS, DCNV2_LOW_RANK, DLRM_DCNV2_LOW_RANK = 3, 32, 16
 # (0.03 had helped at eps 1e-8; now 0.05 is +0.0004 / +0.0003 at 600k, -0.0002 at 1M); row-wise Adagrad,
 # D 24 / 32, tables at std 0.03 / 0.1, top MLP [512, 256] / [128, 64], batch norm, dropout 0.1 and a
 # 50-step warm-up gained nothing. DLRM-DCNv2: sparse_lr 0.08 (+0.0003, +0.0002 / +0.0002 at 600k).
-SPARSE_EPS = "optimizer.sparse_eps=1e-5"
-DENSE_WARMUP_DECAY = ["schedule.name=linear", "schedule.apply_to=[dense]", "schedule.warmup_steps=20"]
+# What the models without DeepFM's first-order weights share: the tables' eps, the dense rate's warm-up and decay.
+WITHOUT_FIRST_ORDER = ["optimizer.sparse_eps=1e-5", "schedule.name=linear", "schedule.apply_to=[dense]",
+                       "schedule.warmup_steps=20"]
 MODEL_KEYS = {
     "deepfm": [],
-    "dlrm": [f"model.dlrm.bottom_layers={BOTTOM_LAYERS}", SPARSE_EPS, *DENSE_WARMUP_DECAY, "optimizer.dense_lr=5e-3",
+    "dlrm": [f"model.dlrm.bottom_layers={BOTTOM_LAYERS}", *WITHOUT_FIRST_ORDER, "optimizer.dense_lr=5e-3",
              "model.dropout=0", "model.embedding_init_std=0.05"],
-    "dcnv2": [f"model.dcnv2.cross_layers={CROSS_LAYERS}", f"model.dcnv2.low_rank={DCNV2_LOW_RANK}", SPARSE_EPS,
-              *DENSE_WARMUP_DECAY, "model.dropout=0.1"],
+    "dcnv2": [f"model.dcnv2.cross_layers={CROSS_LAYERS}", f"model.dcnv2.low_rank={DCNV2_LOW_RANK}",
+              *WITHOUT_FIRST_ORDER, "model.dropout=0.1"],
     "dlrm_dcnv2": [f"model.dlrm_dcnv2.bottom_layers={BOTTOM_LAYERS}", f"model.dlrm_dcnv2.cross_layers={CROSS_LAYERS}",
-                   f"model.dlrm_dcnv2.low_rank={DLRM_DCNV2_LOW_RANK}", SPARSE_EPS, *DENSE_WARMUP_DECAY,
+                   f"model.dlrm_dcnv2.low_rank={DLRM_DCNV2_LOW_RANK}", *WITHOUT_FIRST_ORDER,
                    "optimizer.dense_lr=3e-3", "optimizer.sparse_lr=0.08"],
 }  # fmt: skip
 # Dense Adagrad's rate for TorchRec's loop (the example takes --learning_rate per run): Adagrad's steps shrink
