@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
-from recsys.serving.requests import ScoreRequest, contexts_frame
+from recsys.serving.requests import ScoreRequest, batch_rows, contexts_frame
 from recsys.serving.transform import ServingInputError
 
 
@@ -139,7 +139,7 @@ def _score_requests(model: Any, requests: list[ScoreRequest], strict: bool = Fal
     each, the usual ranking request), the contexts stay one row per request (``owner``)."""
     if len({tuple(r.context) for r in requests}) > 1:  # contexts of other columns: every row whole
         return model.score(pl.concat([r.frame() for r in requests], how="diagonal_relaxed"), strict=strict)  # by name
-    rows = pl.concat([r.rows for r in requests], how="vertical_relaxed") if len(requests) > 1 else requests[0].rows
+    rows = batch_rows(requests)
     if not requests[0].context:
         return model.score(rows, strict=strict)
     context = contexts_frame(requests)

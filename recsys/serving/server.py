@@ -127,6 +127,7 @@ class ScoringService:
         import torch
 
         torch.set_num_threads(self.config.threads)
+        keep_freed_memory()
         if self.loaded is None:
             self.loaded = await asyncio.to_thread(load_export, self.config.export, self.config)
         self.swap_lock = asyncio.Lock()
@@ -198,6 +199,23 @@ class ScoringService:
         self.metrics.requests.labels(str(error.status)).inc()
         self.metrics.latency.observe(time.perf_counter() - started)
         return json_response(error.body(), error.status)
+
+
+def keep_freed_memory() -> None:
+    """Keeps freed blocks in this process's heap (glibc). By default glibc maps each block over 128 KiB afresh
+    and unmaps it when freed, so every batch's activations page-fault in again: an 800-row batch of the demo
+    model took ~250 faults a call, a 4,000-row one ~4,400 (26.4 ms a call, 15.9 ms without). PyTorch's CPU
+    inference guides preload jemalloc or tcmalloc for this; two mallopt calls do it with the C library in
+    place. A C library other than glibc is left as it is."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest: batches of 4,096 rows stay below it
+    libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 def model_summary(loaded: Loaded) -> dict[str, Any]:
