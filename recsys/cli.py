@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch-rows", type=int, default=4096,
                     help="rows per model batch across requests; also the most rows one request may carry (413)")
     sv.add_argument("--max-wait-ms", type=float, default=1.0,
-                    help="how long a batch waits for more requests after its first")
+                    help="how long a batch waits after its first request for others being read (none being read: no wait)")
     sv.add_argument("--threads", type=int, default=1, help="the model's intra-op threads per worker")
     sv.add_argument("--backend", choices=["torchscript", "torch_export", "aoti"], default="torchscript",
                     help="the model file: model.pt (TorchScript), model.pt2 or model_aoti.pt2 (`recsys export --program`)")

@@ -4,7 +4,9 @@ Hand-written because Starlette/uvicorn have no batching, and the serving librari
 BentoML, Ray Serve) batch Python objects in their own worker processes: each would bring its own server and
 process model around the Scorer. The policy is the one Triton's dynamic batcher documents: a batch closes
 at ``max_rows`` or ``max_wait`` after its first request, and requests that queue while a batch is scored
-form the next one at once (so under load batches fill without waiting).
+form the next one at once (so under load batches fill without waiting). It waits only while another
+request is being read and checked (``arriving``): a request with none behind it is scored at once, not
+``max_wait`` later.
 
 One thread scores (``Scorer`` keeps per-call state and the model's threads are set once), off the event
 loop, which keeps reading and parsing requests meanwhile. Each batch takes the model current when it
@@ -14,10 +16,11 @@ starts, so a swap (``Batcher.model = ...``) never splits a batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -54,6 +57,16 @@ class Batcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="recsys-score")
         self.task: asyncio.Task | None = None
         self.carry: Pending | None = None
+        self.incoming = 0  # requests being read and checked, not yet queued
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around reading and checking a request: while any is, a batch waits (up to ``max_wait``) for it."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -90,7 +103,7 @@ class Batcher:
                     item = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     timeout = deadline - loop.time()
-                    if timeout <= 0:
+                    if timeout <= 0 or not self.incoming:  # none on its way: waiting would only add latency
                         break
                     try:
                         item = await asyncio.wait_for(self.queue.get(), timeout)

@@ -179,7 +179,8 @@ class ScoringService:
             if size > self.config.max_body_mb * 2**20:
                 raise RequestError(413, "too_large", f"body of {size} bytes exceeds {self.config.max_body_mb} MiB")
             loaded = self.loaded
-            rows = parse_body(await request.body(), request.headers.get("content-type", ""), loaded.spec)
+            with self.batcher.arriving():
+                rows = parse_body(await request.body(), request.headers.get("content-type", ""), loaded.spec)
             scores = await self.batcher.score(rows) if rows.height else np.zeros(0, dtype=np.float32)
         except RequestError as e:
             return self._error(e, started)

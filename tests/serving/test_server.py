@@ -182,6 +182,39 @@ def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) ->
     assert max(rows for rows, _ in batches) <= 64
 
 
+def test_a_batch_waits_only_while_another_request_is_arriving(serving_run) -> None:
+    scorer = load(serving_run.export)
+    frame = pl.DataFrame(raw_rows(serving_run, 4))
+    first, second = ScoreRequest.from_frame(frame[:2]), ScoreRequest.from_frame(frame[2:])
+    batches: list[int] = []
+    max_wait = 2.0
+
+    async def run() -> tuple[float, float]:
+        batcher = Batcher(scorer, max_rows=64, max_wait=max_wait, on_batch=lambda rows, n, s: batches.append(n))
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.score(first)  # nothing else on its way: scored at once, not max_wait later
+        alone = time.perf_counter() - started
+
+        async def arriving_late() -> np.ndarray:
+            with batcher.arriving():  # being read and checked (the server's body read + parse)
+                await asyncio.sleep(0.2)
+            return await batcher.score(second)
+
+        started = time.perf_counter()
+        late = asyncio.ensure_future(arriving_late())
+        await asyncio.sleep(0)  # it has started arriving before the first request is queued
+        await asyncio.gather(batcher.score(first), late)
+        joined = time.perf_counter() - started
+        await batcher.stop()
+        return alone, joined
+
+    alone, joined = asyncio.run(run())
+    assert alone < max_wait / 4
+    assert batches == [1, 2]  # the second request, arriving 0.2 s later, joined the first one's batch
+    assert joined < max_wait / 2  # and the batch closed as it came, not at the deadline
+
+
 def test_swap_refuses_a_broken_export_and_keeps_serving(serving_run, tmp_path: Path) -> None:
     broken = shutil.copytree(serving_run.export, tmp_path / "broken")
     (broken / "model.pt").write_bytes(b"not a model")
