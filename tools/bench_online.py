@@ -5,7 +5,8 @@ drives it with a bounded closed-loop load generator (aiohttp): ``concurrency`` c
 wait for its answer and send the next, until ``--requests`` requests were answered or ``--seconds`` passed.
 A request is one user's context (I1-I13, C1-C13) plus N candidates (C14-C26) from the test split's raw
 rows: JSON for every size, and an Arrow IPC stream for the largest. Per (size, concurrency, format): QPS,
-rows/s, p50/p90/p99 latency, errors and the server's RSS (VmRSS, VmHWM).
+rows/s, p50/p90/p99 latency, errors, the server's RSS (VmRSS, VmHWM), and the CPU the server's processes and
+this load generator spent per answered request (``cores_busy``: both over the run's wall time).
 
 Offline bounds, in a subprocess with the same threads, on the same rows at the same batch sizes:
 ``model_*`` the exported model alone on tensors (TorchScript ``score_tensors``, onnxruntime on model.onnx,
@@ -158,15 +159,28 @@ async def drive(url: str, requests: list[tuple[bytes, str]], concurrency: int, t
     return {"latencies": latencies, "errors": errors, "wall": wall}
 
 
-def memory_mib(pid: int) -> dict[str, float]:
-    """RSS and peak RSS (VmHWM) summed over the server's process tree (``--workers`` > 1: the supervisor and
-    its worker processes)."""
-    def tree(p: int) -> list[int]:
-        children = Path(f"/proc/{p}/task/{p}/children")
-        return [p] + [c for child in (children.read_text().split() if children.exists() else []) for c in tree(int(child))]
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``--workers`` > 1: the supervisor and its worker processes)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid] + [c for child in (children.read_text().split() if children.exists() else []) for c in process_tree(int(child))]
 
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the server's process tree so far (/proc/PID/stat)."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a worker that just exited
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """RSS and peak RSS (VmHWM) summed over the server's process tree."""
     totals = {"rss_mib": 0.0, "peak_rss_mib": 0.0}
-    for p in tree(pid):
+    for p in process_tree(pid):
         try:
             status = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
         except FileNotFoundError:  # a worker that just exited
@@ -223,7 +237,9 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
         for size, concurrency, arrow in runs:
             requests = bodies(rows, size, 16, arrow)
             asyncio.run(drive(f"{url}/v1/score", requests, concurrency, 2 * concurrency, 10))  # warm-up
+            server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
             result = asyncio.run(drive(f"{url}/v1/score", requests, concurrency, args.requests, args.seconds))
+            server_cpu, client_cpu = cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
             lat = np.array(result["latencies"]) * 1000
             answered = len(lat)
             errors = sum(result["errors"].values())
@@ -234,6 +250,10 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
                 "qps": round(answered / result["wall"], 1), "rows_per_s": round(answered * size / result["wall"]),
                 **{f"p{q}_ms": round(float(np.percentile(lat, q)), 2) if answered else None for q in (50, 90, 99)},
                 "server": memory_mib(server.pid),
+                # CPU per answered request: what bounds latency once the cores are busy (docs/serving_online.md)
+                "server_cpu_ms_per_request": round(1000 * server_cpu / max(answered, 1), 3),
+                "client_cpu_ms_per_request": round(1000 * client_cpu / max(answered, 1), 3),
+                "cores_busy": round((server_cpu + client_cpu) / result["wall"], 2),
                 # the model file the server runs, alone at the request's size
                 "model_alone_rows_per_s": bounds[f"model_{args.backend}_{size}"]["rows_per_s"],
                 "scorer_rows_per_s": bounds[f"scorer_{size}"]["rows_per_s"],
@@ -242,7 +262,8 @@ def run_online(export: Path, test_tsv: Path, work: Path, args) -> None:
             record["vs_scorer_alone"] = round(record["rows_per_s"] / record["scorer_rows_per_s"], 3)
             print(json.dumps(record), flush=True)
             summary[f"{'arrow' if arrow else 'json'}_{size}x{concurrency}"] = {
-                k: record[k] for k in ("qps", "rows_per_s", "p50_ms", "p99_ms", "errors", "vs_model_alone", "vs_scorer_alone")}
+                k: record[k] for k in ("qps", "rows_per_s", "p50_ms", "p99_ms", "errors", "vs_model_alone", "vs_scorer_alone",
+                                       "server_cpu_ms_per_request")}
     finally:
         server.send_signal(signal.SIGTERM)
         summary["server_exit_code"] = server.wait(timeout=60)
