@@ -61,9 +61,6 @@ class RequestSchema:
         return {c: pl.Float64() if c in schema.dense else pl.List(pl.Utf8) if c in schema.multi_hot else pl.Utf8()
                 for c in self.columns}  # fmt: skip
 
-    def dtype(self, column: str) -> pl.DataType:
-        return self.dtypes[column]
-
 
 @dataclass
 class ScoreRequest:

@@ -100,7 +100,7 @@ def load_export(folder: str, config: ServeConfig) -> Loaded:
     spec = RequestSchema(scorer.preprocessing.schema, config.max_batch_rows)
     shared = spec.columns[: len(spec.columns) // 2]
     for rows in WARMUP_ROWS:  # all-missing rows: the whole path (parse, ids, model) without sample data
-        frame = pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=spec.dtype(c)) for c in spec.columns})
+        frame = pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=spec.dtypes[c]) for c in spec.columns})
         for scores in (scorer.score(frame, strict=True),  # and with a shared context, as ranking requests come
                        scorer.score(frame.drop(shared), strict=True, context=frame.head(1).select(shared))):
             if scores.shape != (rows,) or not np.isfinite(scores).all():

@@ -157,7 +157,7 @@ def test_batches_join_requests_and_score_each_as_the_scorer_does(serving_run) ->
     frames = [pl.DataFrame(raw_rows(serving_run, n, start)) for n, start in ((1, 0), (7, 1), (30, 8), (3, 38))] * 3
     batches: list[tuple[int, int]] = []
     spec = RequestSchema(scorer.preprocessing.schema, 64)
-    schema = {name: spec.dtype(name) for name in CONTEXT}
+    schema = {name: spec.dtypes[name] for name in CONTEXT}
 
     def request(i: int, frame: pl.DataFrame) -> ScoreRequest:
         """Every third request plain, the others with one user's context (each its own columns' values)."""
